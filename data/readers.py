@@ -1,0 +1,296 @@
+"""Annotation readers for the TBPS datasets (CUHK-PEDES, ICFG-PEDES, RSTPReid, VN3K).
+
+Every dataset is one JSON list of image records under ``<root>/<folder>/<annotation>`` with images under
+``<root>/<folder>/imgs/``. Readers validate the records, split them into train / validation / test and return
+plain dataclasses; they never open images, so reading the 40k-image CUHK-PEDES annotation takes well under a second.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from prettytable import PrettyTable
+
+log = logging.getLogger(__name__)
+
+IMAGE_DIR = "imgs"
+
+
+class DatasetFormatError(ValueError):
+    """An annotation file does not match the expected layout."""
+
+
+@dataclass(frozen=True)
+class TrainSample:
+    """One training pair: an image and one of its captions.
+
+    Attributes:
+        pid: Contiguous person id in ``0..num_train_ids-1`` (raw ids remapped in sorted order).
+        image_id: Index of the image record within the train split.
+        image_path: Path of the image file under ``imgs/``.
+        caption: Caption text as written in the annotation file.
+    """
+
+    pid: int
+    image_id: int
+    image_path: Path
+    caption: str
+
+
+@dataclass(frozen=True)
+class EvalSplit:
+    """A retrieval split: a gallery of images and the caption queries that search it.
+
+    Pids are the raw dataset ids; only equality between query and gallery pids matters.
+
+    Attributes:
+        image_pids: Person id of each gallery image.
+        image_paths: Path of each gallery image.
+        caption_pids: Person id of each query caption.
+        captions: Query caption texts.
+    """
+
+    image_pids: list[int]
+    image_paths: list[Path]
+    caption_pids: list[int]
+    captions: list[str]
+
+    def __post_init__(self) -> None:
+        if len(self.image_pids) != len(self.image_paths) or len(self.caption_pids) != len(self.captions):
+            raise ValueError(
+                f"EvalSplit lists must be parallel: {len(self.image_pids)} image pids vs {len(self.image_paths)} "
+                f"paths, {len(self.caption_pids)} caption pids vs {len(self.captions)} captions"
+            )
+        # A query without any relevant gallery image has undefined recall/mAP (the seed's rank() crashed on it).
+        orphans = sorted(set(self.caption_pids) - set(self.image_pids))
+        if orphans:
+            raise ValueError(
+                f"query pids {orphans[:10]} ({len(orphans)} in all) have no gallery image; every query needs at "
+                "least one image of the same person in the gallery"
+            )
+
+
+@dataclass(frozen=True)
+class DatasetSplits:
+    """All splits of one dataset.
+
+    Attributes:
+        name: Registry name of the dataset (a key of ``READERS``).
+        root: The dataset folder that holds the annotation file and ``imgs/``.
+        train: Training pairs, one per caption.
+        val: Validation split, or None when the annotation file has none.
+        test: Test split.
+    """
+
+    name: str
+    root: Path
+    train: list[TrainSample]
+    val: EvalSplit | None
+    test: EvalSplit
+
+    @property
+    def num_train_ids(self) -> int:
+        """Number of distinct training identities (the size of an ID classifier)."""
+        return len({sample.pid for sample in self.train})
+
+    def summary_rows(self) -> list[tuple[str, int, int, int]]:
+        """Returns ``(subset, #ids, #images, #captions)`` for train, val (when present) and test."""
+        rows = [
+            ("train", self.num_train_ids, len({s.image_id for s in self.train}), len(self.train)),
+        ]
+        for subset, split in (("val", self.val), ("test", self.test)):
+            if split is not None:
+                rows.append((subset, len(set(split.image_pids)), len(split.image_paths), len(split.captions)))
+        return rows
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where a dataset lives on disk and which keys its records use."""
+
+    folder: str
+    annotation: str
+    path_key: str
+    caption_keys: tuple[str, ...]
+    val_split: str
+
+
+@dataclass(frozen=True)
+class _Record:
+    """A validated image record."""
+
+    raw_id: int
+    image_path: Path
+    captions: list[str]
+
+
+_LAYOUTS: dict[str, _Layout] = {
+    "CUHK-PEDES": _Layout("CUHK-PEDES", "reid_raw.json", "file_path", ("captions",), "val"),
+    "ICFG-PEDES": _Layout("ICFG-PEDES", "ICFG-PEDES.json", "file_path", ("captions",), "val"),
+    "RSTPReid": _Layout("RSTPReid", "data_captions.json", "img_path", ("captions",), "val"),
+    "VN3K_VI": _Layout("VN3K", "data_captions.json", "file_path", ("captions",), "validate"),
+    "VN3K_EN": _Layout("VN3K", "data_captions.json", "file_path", ("en_captions",), "validate"),
+    "VN3K_MIXED": _Layout("VN3K", "data_captions.json", "file_path", ("en_captions", "captions"), "validate"),
+}
+
+
+def _locate(name: str, layout: _Layout, root: Path) -> tuple[Path, Path]:
+    """Returns the dataset folder and annotation file, raising if anything is missing."""
+    folder = root / layout.folder
+    annotation = folder / layout.annotation
+    expected = f"the {name} annotation file {layout.annotation} and the images under {IMAGE_DIR}/"
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"dataset folder {folder} not found: put {expected} there, or point the dataset root at the folder "
+            f"that contains {layout.folder}/"
+        )
+    if not (folder / IMAGE_DIR).is_dir():
+        raise FileNotFoundError(f"image folder {folder / IMAGE_DIR} not found: put the {name} images there")
+    if not annotation.is_file():
+        raise FileNotFoundError(f"annotation file {annotation} not found: put the {name} {layout.annotation} there")
+    return folder, annotation
+
+
+def _load_json_list(annotation: Path) -> list[Any]:
+    """Parses the annotation file, which must hold a JSON list."""
+    try:
+        data = json.loads(annotation.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as err:
+        raise DatasetFormatError(
+            f"{annotation}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}; fix the file there"
+        ) from err
+    if not isinstance(data, list):
+        raise DatasetFormatError(
+            f"{annotation}: top level must be a JSON list of image records, got {type(data).__name__}"
+        )
+    return data
+
+
+def _field(record: dict[str, Any], key: str, expected: type, where: str) -> Any:
+    """Returns ``record[key]``, raising if it is missing or of the wrong type (bools are not ints)."""
+    if key not in record:
+        raise DatasetFormatError(f"{where}: missing key '{key}' ({expected.__name__}); add it to the record")
+    value = record[key]
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise DatasetFormatError(
+            f"{where}: key '{key}' must be {expected.__name__}, got {type(value).__name__} {value!r:.60}"
+        )
+    return value
+
+
+def _captions(record: dict[str, Any], key: str, where: str) -> list[str]:
+    """Returns the caption list under ``key`` after checking it holds non-blank strings.
+
+    Captions are kept as written; NFC and whitespace normalisation happen at tokenisation (``data.text``).
+    """
+    captions = _field(record, key, list, where)
+    if not captions:
+        raise DatasetFormatError(f"{where}: key '{key}' must be a non-empty list of captions, got []")
+    for i, caption in enumerate(captions):
+        if not isinstance(caption, str) or not caption.strip():
+            raise DatasetFormatError(
+                f"{where}: key '{key}' item {i} must be a non-empty string, got {caption!r:.60}; "
+                "fix or remove that caption"
+            )
+    return captions
+
+
+def _parse(raw: Any, index: int, annotation: Path, layout: _Layout, image_dir: Path) -> tuple[str, _Record]:
+    """Validates one raw record and returns its split value with the parsed record."""
+    where = f"{annotation}: record {index}"
+    if not isinstance(raw, dict):
+        raise DatasetFormatError(f"{where}: must be a JSON object, got {type(raw).__name__}")
+    raw_id = _field(raw, "id", int, where)
+    where = f"{where} (id={raw_id})"
+    path = _field(raw, layout.path_key, str, where)
+    if not path.strip():
+        raise DatasetFormatError(f"{where}: key '{layout.path_key}' must be a non-empty image path under imgs/")
+    captions = [caption for key in layout.caption_keys for caption in _captions(raw, key, where)]
+    split = _field(raw, "split", str, where)
+    return split, _Record(raw_id, image_dir / path, captions)
+
+
+def _train_samples(records: list[_Record]) -> list[TrainSample]:
+    """Flattens train records to one sample per caption, remapping ids to contiguous pids."""
+    pid_of = {raw_id: pid for pid, raw_id in enumerate(sorted({r.raw_id for r in records}))}
+    return [
+        TrainSample(pid_of[record.raw_id], image_id, record.image_path, caption)
+        for image_id, record in enumerate(records)
+        for caption in record.captions
+    ]
+
+
+def _eval_split(records: list[_Record]) -> EvalSplit:
+    """Builds a gallery (one entry per record) and its queries (one per caption)."""
+    return EvalSplit(
+        image_pids=[r.raw_id for r in records],
+        image_paths=[r.image_path for r in records],
+        caption_pids=[r.raw_id for r in records for _ in r.captions],
+        captions=[caption for r in records for caption in r.captions],
+    )
+
+
+def _read(name: str, layout: _Layout, root: str | Path) -> DatasetSplits:
+    """Reads one dataset laid out as ``layout`` under ``root``."""
+    folder, annotation = _locate(name, layout, Path(root))
+    by_split: dict[str, list[_Record]] = {}
+    for index, raw in enumerate(_load_json_list(annotation)):
+        split, record = _parse(raw, index, annotation, layout, folder / IMAGE_DIR)
+        by_split.setdefault(split, []).append(record)
+
+    known = ("train", layout.val_split, "test")
+    ignored = Counter({split: len(recs) for split, recs in by_split.items() if split not in known})
+    if ignored:
+        log.warning(
+            "%s: ignored %d records with split values outside %s: %s", annotation, ignored.total(), known, dict(ignored)
+        )
+    for required in ("train", "test"):
+        if not by_split.get(required):
+            raise DatasetFormatError(
+                f"{annotation}: no record has key 'split' == '{required}'; {name} needs train and test records"
+            )
+    val_records = by_split.get(layout.val_split)
+    splits = DatasetSplits(
+        name=name,
+        root=folder,
+        train=_train_samples(by_split["train"]),
+        val=_eval_split(val_records) if val_records else None,
+        test=_eval_split(by_split["test"]),
+    )
+    table = PrettyTable(["subset", "ids", "images", "captions"])
+    table.add_rows(splits.summary_rows())
+    log.info("%s statistics (%s):\n%s", name, annotation, table)
+    return splits
+
+
+READERS: dict[str, Callable[[Path], DatasetSplits]] = {
+    name: partial(_read, name, layout) for name, layout in _LAYOUTS.items()
+}
+
+
+def read_dataset(name: str, root: str | Path) -> DatasetSplits:
+    """Reads a dataset by registry name.
+
+    Args:
+        name: A key of ``READERS`` (``CUHK-PEDES``, ``ICFG-PEDES``, ``RSTPReid``, ``VN3K_VI``, ``VN3K_EN``,
+            ``VN3K_MIXED``).
+        root: Folder that contains the dataset folder (for example ``<root>/CUHK-PEDES/reid_raw.json``).
+
+    Returns:
+        The validated train, validation and test splits.
+
+    Raises:
+        ValueError: ``name`` is not a registered dataset.
+        FileNotFoundError: The dataset folder, ``imgs/`` or the annotation file is missing.
+        DatasetFormatError: The annotation file is malformed.
+    """
+    if name not in READERS:
+        raise ValueError(f"unknown dataset '{name}'; valid names: {sorted(READERS)}")
+    return READERS[name](Path(root))

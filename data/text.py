@@ -1,0 +1,76 @@
+"""Caption tokenisation shared by training, evaluation and search.
+
+SigLIP pools the LAST text position (`last_hidden_state[:, -1]`), and was pre-trained on captions padded to the
+full length with `</s>` on the right. So every caption is padded to `max_length` on the right: the pooled token is
+then always `</s>` (the end-of-sentence token, or a pad, which is the same token) no matter how long the caption is.
+Vietnamese text arrives both precomposed (NFC) and decomposed (NFD); tokenizers map the two to different ids, so
+every caption is normalised to NFC first.
+"""
+
+from __future__ import annotations
+
+import random
+import unicodedata
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+
+def normalize_caption(text: str) -> str:
+    """NFC-normalise and collapse whitespace."""
+    return " ".join(unicodedata.normalize("NFC", text).split())
+
+
+class CaptionTokenizer:
+    """Wrap a Hugging Face tokenizer with the padding and normalisation rules SigLIP needs."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, *, return_attention_mask: bool = False):
+        """
+        Args:
+            tokenizer: Any HF tokenizer (SentencePiece `SiglipTokenizer` for m-SigLIP).
+            max_length: Text positions of the backbone (64 for m-SigLIP).
+            return_attention_mask: SigLIP was pre-trained without a text attention mask, so the default leaves it
+                out; set True to mask pads as the seed did.
+        """
+        if tokenizer.pad_token_id is None:
+            raise ValueError(f"Tokenizer {type(tokenizer).__name__} has no pad token; SigLIP pads with </s>.")
+        tokenizer.padding_side = "right"
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.return_attention_mask = return_attention_mask
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, max_length: int, **kwargs) -> CaptionTokenizer:
+        return cls(AutoTokenizer.from_pretrained(str(path)), max_length, **kwargs)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    def __call__(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Tokenise a batch: `input_ids` (B, max_length) and, if enabled, `attention_mask` (B, max_length)."""
+        encoded = self.tokenizer(
+            [normalize_caption(text) for text in captions],
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        batch = {"input_ids": encoded["input_ids"]}
+        if self.return_attention_mask:
+            batch["attention_mask"] = encoded["attention_mask"]
+        return batch
+
+
+def random_deletion(text: str, probability: float, rng: random.Random) -> str:
+    """Drop each word with `probability` (EDA, arXiv 1901.11196); always keep at least one word.
+
+    The seed returned a list for one-word captions; this always returns a string.
+    """
+    words = text.split()
+    if probability <= 0 or len(words) <= 1:
+        return text
+    kept = [word for word in words if rng.random() >= probability]
+    return " ".join(kept) if kept else rng.choice(words)

@@ -1,0 +1,172 @@
+"""Image transforms for training, evaluation and SimCLR views, built from plain config mappings.
+
+Every pipeline resizes with bicubic interpolation and antialiasing, so train and eval images are resampled the same
+way (the seed trained with PIL bicubic and evaluated with bilinear). Augmentations run on float tensors in [0, 1],
+after ``to tensor`` and before normalisation, which is where erasing-type transforms must run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torchvision.transforms import v2
+
+Transform = Callable[[Any], Any]
+AugmentationFactory = Callable[..., Transform]
+
+
+def _without_size(cls: type[v2.Transform]) -> AugmentationFactory:
+    """Adapts a transform class whose arguments do not involve the output size."""
+
+    def factory(output_size: tuple[int, int], /, **kwargs: Any) -> Transform:
+        return cls(**kwargs)
+
+    return factory
+
+
+def _with_size(cls: type[v2.Transform]) -> AugmentationFactory:
+    """Adapts a crop class so its ``size`` defaults to the output size."""
+
+    def factory(output_size: tuple[int, int], /, **kwargs: Any) -> Transform:
+        return cls(**{"size": output_size, **kwargs})
+
+    return factory
+
+
+# Factories take the output (H, W) first, so crops default to it, then the configured keyword arguments.
+AUGMENTATIONS: dict[str, AugmentationFactory] = {
+    "color_jitter": _without_size(v2.ColorJitter),
+    "random_rotation": _without_size(v2.RandomRotation),
+    "random_resized_crop": _with_size(v2.RandomResizedCrop),
+    "random_crop": _with_size(v2.RandomCrop),
+    "pad": _without_size(v2.Pad),
+    "random_grayscale": _without_size(v2.RandomGrayscale),
+    "random_horizontal_flip": _without_size(v2.RandomHorizontalFlip),
+    "gaussian_blur": _without_size(v2.GaussianBlur),
+    "random_erasing": _without_size(v2.RandomErasing),
+}
+
+
+class RandomSubset:
+    """Applies ``k`` transforms drawn without replacement from a pool, in pool order.
+
+    Draws come from torch's global generator, which DataLoader seeds per worker, so runs seeded with
+    ``seed_everything(..., workers=True)`` are reproducible.
+
+    Args:
+        transforms: The pool.
+        k: How many to apply per call; -1 applies the whole pool.
+    """
+
+    def __init__(self, transforms: Sequence[Transform], k: int) -> None:
+        if not -1 <= k <= len(transforms):
+            raise ValueError(f"random_k must be -1 (all) or between 0 and the pool size {len(transforms)}, got {k}")
+        self.transforms = list(transforms)
+        self.k = len(transforms) if k == -1 else k
+
+    def __call__(self, image: Any) -> Any:
+        chosen = torch.randperm(len(self.transforms))[: self.k].sort().values
+        for i in chosen.tolist():
+            image = self.transforms[i](image)
+        return image
+
+    def __repr__(self) -> str:
+        pool = ", ".join(map(repr, self.transforms))
+        return f"{type(self).__name__}(k={self.k}, pool=[{pool}])"
+
+
+def _resize(size: tuple[int, int]) -> v2.Transform:
+    return v2.Resize(tuple(size), interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+
+
+def _to_float_tensor() -> list[v2.Transform]:
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+
+
+def _normalize(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
+    # ToPureTensor: hand plain tensors to collate instead of torchvision's Image subclass.
+    return [v2.Normalize(mean=list(mean), std=list(std)), v2.ToPureTensor()]
+
+
+def build_augmentation(name: str, size: tuple[int, int], kwargs: Mapping[str, Any] | None) -> Transform:
+    """Builds one augmentation from the registry.
+
+    Args:
+        name: A key of ``AUGMENTATIONS``.
+        size: Output (H, W); crops use it unless ``kwargs`` sets ``size``.
+        kwargs: Keyword arguments of the torchvision transform (None: defaults).
+
+    Raises:
+        ValueError: Unknown name or arguments the transform rejects.
+    """
+    if name not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation '{name}'; valid names: {sorted(AUGMENTATIONS)}")
+    # Sequences (YAML lists, possibly OmegaConf ListConfig) become tuples, so transforms hold only plain values.
+    arguments = {
+        key: tuple(value) if isinstance(value, Sequence) and not isinstance(value, str) else value
+        for key, value in (kwargs or {}).items()
+    }
+    try:
+        return AUGMENTATIONS[name](tuple(size), **arguments)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"augmentation '{name}' rejected its arguments {arguments}: {err}") from err
+
+
+def build_train_transform(
+    size: tuple[int, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    augment: Mapping[str, Mapping[str, Any] | None],
+    random_k: int,
+) -> v2.Compose:
+    """Resize -> to tensor -> ``random_k`` augmentations of the pool -> normalise.
+
+    Args:
+        size: Output (H, W).
+        mean: Per-channel normalisation mean (0.5 for SigLIP).
+        std: Per-channel normalisation std (0.5 for SigLIP).
+        augment: Pool of augmentations, name -> keyword arguments, applied in this order.
+        random_k: How many pool entries to apply per image, drawn without replacement; -1 applies all.
+
+    Returns:
+        A transform from a PIL image to a float tensor of shape (3, H, W).
+    """
+    pool = [build_augmentation(name, size, kwargs) for name, kwargs in augment.items()]
+    return v2.Compose([_resize(size), *_to_float_tensor(), RandomSubset(pool, random_k), *_normalize(mean, std)])
+
+
+def build_eval_transform(size: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    """Resize -> to tensor -> normalise; deterministic.
+
+    Returns:
+        A transform from a PIL image to a float tensor of shape (3, H, W).
+    """
+    return v2.Compose([_resize(size), *_to_float_tensor(), *_normalize(mean, std)])
+
+
+def build_simclr_transform(size: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    """SimCLR view (Chen et al., arXiv 2002.05709) with the TBPS-CLIP settings of the seed.
+
+    Random resized crop (scale 0.2-1) -> colour jitter (0.4, 0.4, 0.4, 0.1) with p 0.8 -> grayscale p 0.2 ->
+    Gaussian blur (sigma 0.1-2, kernel about 10 % of each side as in SimCLR) with p 0.5 -> horizontal flip ->
+    to tensor -> normalise.
+
+    Returns:
+        A transform from a PIL image to a float tensor of shape (3, H, W).
+    """
+    height, width = size
+    # Kernel sizes must be odd; torchvision orders them (x, y) = (width, height).
+    kernel = tuple(max(3, int(0.1 * side) // 2 * 2 + 1) for side in (width, height))
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop((height, width), scale=(0.2, 1.0), interpolation="bicubic", antialias=True),
+            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+            v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5),
+            v2.RandomHorizontalFlip(),
+            *_to_float_tensor(),
+            *_normalize(mean, std),
+        ]
+    )

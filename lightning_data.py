@@ -1,0 +1,190 @@
+"""TBPSDataModule: datasets, samplers and loaders for training, validation (gallery + queries) and test."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Mapping, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, default_collate
+
+from data.datasets import ImageDataset, ImageTextDataset, TextDataset
+from data.readers import READERS, DatasetSplits, EvalSplit, read_dataset
+from data.samplers import IdentitySampler
+from data.splits import hold_out_identities
+from data.text import CaptionTokenizer, random_deletion
+from data.transforms import AUGMENTATIONS, build_eval_transform, build_simclr_transform, build_train_transform
+
+log = logging.getLogger(__name__)
+
+SAMPLERS = ("random", "identity")
+
+
+def data_config_problems(cfg: DictConfig) -> list[str]:
+    """Problems in the dataset / aug / tokenizer groups, found without touching the disk."""
+    data = cfg.dataset
+    issues = []
+    if data.dataset_name not in READERS:
+        issues.append(f"dataset.dataset_name={data.dataset_name!r} is unknown; valid: {sorted(READERS)}.")
+    if data.sampler not in SAMPLERS:
+        issues.append(f"dataset.sampler={data.sampler!r} is unknown; valid: {list(SAMPLERS)}.")
+    if data.batch_size < 2:
+        issues.append(f"dataset.batch_size must be >= 2 for contrastive losses, got {data.batch_size}.")
+    if data.sampler == "identity" and (data.num_instance < 1 or data.batch_size % data.num_instance):
+        issues.append(
+            f"dataset.batch_size={data.batch_size} must be a multiple of dataset.num_instance={data.num_instance} "
+            "with the identity sampler."
+        )
+    unknown_aug = sorted(set(cfg.aug.img.augment_cfg or {}) - set(AUGMENTATIONS))
+    if unknown_aug:
+        issues.append(f"aug.img.augment_cfg has unknown augmentation(s) {unknown_aug}; valid: {sorted(AUGMENTATIONS)}.")
+    if not 0 <= cfg.aug.text.random_deletion < 1:
+        issues.append(f"aug.text.random_deletion must be in [0, 1), got {cfg.aug.text.random_deletion}.")
+    return issues
+
+
+def collate_train(
+    samples: Sequence[Mapping[str, Any]], tokenizer: CaptionTokenizer, deletion: float, rng: random.Random
+) -> dict[str, Any]:
+    """Stack a training batch and tokenise its (augmented) captions."""
+    captions = [random_deletion(sample["captions"], deletion, rng) for sample in samples]
+    batch = default_collate([{k: v for k, v in sample.items() if k != "captions"} for sample in samples])
+    for key, value in tokenizer(captions).items():
+        batch[f"caption_{key}"] = value
+    return batch
+
+
+def collate_text(samples: Sequence[Mapping[str, Any]], tokenizer: CaptionTokenizer) -> dict[str, Any]:
+    batch = {"pids": torch.tensor([sample["pids"] for sample in samples])}
+    for key, value in tokenizer([sample["captions"] for sample in samples]).items():
+        batch[f"caption_{key}"] = value
+    return batch
+
+
+class TBPSDataModule(L.LightningDataModule):
+    """Reads the dataset named by `cfg.dataset.dataset_name` under `cfg.dataset_root_dir`.
+
+    Evaluation loaders come in pairs: index 0 the image gallery, index 1 the caption queries.
+    """
+
+    def __init__(self, cfg: DictConfig, tokenizer: CaptionTokenizer, *, simclr_views: bool = False):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.simclr_views = simclr_views
+        self.splits: DatasetSplits | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is not None:
+            return
+        splits = read_dataset(self.cfg.dataset.dataset_name, Path(self.cfg.dataset_root_dir))
+        val_identities = self.cfg.dataset.get("val_identities", 0)
+        if splits.val is None:
+            if not val_identities:
+                raise ValueError(
+                    f"{splits.name} under {splits.root} has no validation split, and checkpoints are selected on "
+                    "validation, never on test: set dataset.val_identities=<n> to hold out n training identities."
+                )
+            splits = hold_out_identities(splits, val_identities, self.cfg.seed)
+        self.splits = splits
+
+    @property
+    def num_train_ids(self) -> int:
+        return self.splits.num_train_ids
+
+    def _image_cfg(self) -> tuple[tuple[int, int], list[float], list[float]]:
+        img = self.cfg.aug.img
+        return tuple(img.size), list(img.mean), list(img.std)
+
+    def train_dataloader(self) -> DataLoader:
+        size, mean, std = self._image_cfg()
+        augment = dict(self.cfg.aug.img.augment_cfg or {})
+        k = self.cfg.aug.image_random_k
+        dataset = ImageTextDataset(
+            self.splits.train,
+            transform=build_train_transform(size, mean, std, augment, k),
+            aug_transform=build_train_transform(size, mean, std, augment, k),
+            simclr_transform=build_simclr_transform(size, mean, std) if self.simclr_views else None,
+        )
+        data = self.cfg.dataset
+        collate = partial(
+            collate_train,
+            tokenizer=self.tokenizer,
+            deletion=self.cfg.aug.text.random_deletion,
+            rng=random.Random(self.cfg.seed),
+        )
+        common = dict(
+            batch_size=data.batch_size,
+            num_workers=data.num_workers,
+            collate_fn=collate,
+            persistent_workers=data.num_workers > 0,
+            drop_last=True,
+        )
+        if data.sampler == "identity":
+            sampler = IdentitySampler(
+                [s.pid for s in self.splits.train],
+                [s.image_id for s in self.splits.train],
+                data.batch_size,
+                data.num_instance,
+                seed=self.cfg.seed,
+            )
+            return DataLoader(dataset, sampler=sampler, **common)
+        return DataLoader(dataset, shuffle=True, **common)
+
+    def _eval_loaders(self, split: EvalSplit) -> list[DataLoader]:
+        size, mean, std = self._image_cfg()
+        data = self.cfg.dataset
+        common = dict(
+            batch_size=data.test_batch_size,
+            num_workers=data.num_workers,
+            shuffle=False,
+            persistent_workers=data.num_workers > 0,
+        )
+        gallery = ImageDataset(split.image_paths, split.image_pids, build_eval_transform(size, mean, std))
+        queries = TextDataset(split.captions, split.caption_pids)
+        return [
+            DataLoader(gallery, **common),
+            DataLoader(queries, collate_fn=partial(collate_text, tokenizer=self.tokenizer), **common),
+        ]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders(self.splits.val)
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders(self.splits.test)
+
+
+def ensure_demo_assets(cfg: DictConfig) -> None:
+    """Create the embedded dataset and the tiny checkpoint when the config asks for them and they are absent.
+
+    `dataset.synthetic` generates `<dataset_root_dir>/VN3K`; `backbone.tiny` builds `backbone.path` with a
+    SentencePiece vocabulary trained on the generated captions. Real datasets and checkpoints carry neither key.
+    """
+    synthetic = cfg.dataset.get("synthetic")
+    root = Path(cfg.dataset_root_dir)
+    if synthetic:
+        from data.synthetic import SyntheticSpec, ensure_vn3k
+
+        ensure_vn3k(
+            root,
+            SyntheticSpec(
+                num_identities=synthetic.num_identities,
+                images_per_identity=tuple(synthetic.images_per_identity),
+                image_size=tuple(synthetic.image_size),
+                seed=synthetic.seed,
+            ),
+        )
+    tiny = cfg.backbone.get("tiny")
+    if tiny and not Path(cfg.backbone.path).exists():
+        from data.synthetic import all_captions
+        from model.checkpoints import TinySiglipSpec, write_tiny_checkpoint
+
+        if not (root / "VN3K").is_dir():
+            raise FileNotFoundError(f"The tiny tokenizer is trained on {root / 'VN3K'}, which does not exist.")
+        write_tiny_checkpoint(cfg.backbone.path, all_captions(root / "VN3K"), TinySiglipSpec(**tiny))

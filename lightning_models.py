@@ -1,0 +1,132 @@
+"""TBPSLitModule: training step, retrieval evaluation and optimisation of the TBPS model."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from model.backbone import load_backbone
+from model.objectives import cosine_similarity, identity_mask
+from model.strategies import LossSettings, Objective, TrainFeatures
+from model.tbps import TBPS
+from solver.build import build_optimizer, optimizer_problems
+from solver.lr_scheduler import build_scheduler, scheduler_problems
+from utils.metrics import rank_metrics
+from utils.tables import results_table
+
+log = logging.getLogger(__name__)
+
+GALLERY, QUERIES = 0, 1  # dataloader indices of an evaluation split
+
+
+def model_config_problems(cfg: DictConfig) -> list[str]:
+    """Problems in the loss / optimizer / scheduler groups, found before anything is built."""
+    issues = []
+    try:
+        issues += LossSettings.from_mapping(cfg.loss).problems()
+    except ValueError as error:
+        issues.append(str(error))
+    issues += optimizer_problems(cfg.optimizer)
+    issues += scheduler_problems(cfg.scheduler)
+    return issues
+
+
+def pair_statistics(feats: TrainFeatures) -> dict[str, Tensor]:
+    """Mean cosine of positive (same-person) and negative text-image pairs: Circle Loss claims s_p -> 1, s_n -> 0."""
+    with torch.no_grad():
+        sim = cosine_similarity(feats.text_feats, feats.image_feats)
+        pos = identity_mask(feats.pids, feats.pids)
+        s_p = sim[pos].mean()
+        s_n = sim[~pos].mean() if (~pos).any() else sim.new_tensor(float("nan"))
+    return {"s_p": s_p, "s_n": s_n, "s_gap": s_p - s_n}
+
+
+class TBPSLitModule(L.LightningModule):
+    """Trains a TBPS model with the objective of `cfg.loss` and evaluates t2i / i2t retrieval."""
+
+    def __init__(self, cfg: DictConfig | dict[str, Any]):
+        super().__init__()
+        cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
+        # Stored resolved and as plain containers so a checkpoint rebuilds the module without Hydra.
+        self.save_hyperparameters({"cfg": OmegaConf.to_container(cfg, resolve=True)})
+        self.cfg = OmegaConf.create(self.hparams.cfg)
+        self.objective = Objective(LossSettings.from_mapping(self.cfg.loss))
+        backbone_cfg = self.cfg.backbone
+        backbone = load_backbone(
+            Path(backbone_cfg.path),
+            image_size=tuple(backbone_cfg.image_size),
+            text_config_overrides=backbone_cfg.text_config,
+            vision_config_overrides=backbone_cfg.vision_config,
+            gradient_checkpointing=backbone_cfg.gradient_checkpointing,
+        )
+        self.model = TBPS(
+            backbone,
+            simclr_head=self.objective.needs_ss_views,
+            freeze_vision=backbone_cfg.freeze.vision,
+            freeze_text=backbone_cfg.freeze.text,
+        )
+        self._eval_feats: dict[int, list[tuple[Tensor, Tensor]]] = {GALLERY: [], QUERIES: []}
+        self.eval_results: dict[str, dict[str, dict[str, float]]] = {}
+
+    @property
+    def text_vocab_size(self) -> int:
+        return int(self.model.backbone.config.text_config.vocab_size)
+
+    # ---------------------------------------------------------------- training
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        feats = self.model(batch, aug_view=self.objective.needs_aug_view, ss_views=self.objective.needs_ss_views)
+        terms = self.objective(feats)
+        total = torch.stack(list(terms.values())).sum()
+        batch_size = feats.pids.shape[0]
+        self.log("train/total_loss", total, prog_bar=True, batch_size=batch_size)
+        self.log_dict({f"train/{name}": value for name, value in terms.items()}, batch_size=batch_size)
+        stats = {"logit_scale": feats.logit_scale, "logit_bias": feats.logit_bias, **pair_statistics(feats)}
+        self.log_dict({f"train/{name}": value.detach() for name, value in stats.items()}, batch_size=batch_size)
+        return total
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = build_optimizer(self.cfg.optimizer, self.model)
+        scheduler = build_scheduler(optimizer, self.cfg.scheduler, int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---------------------------------------------------------------- evaluation
+    def _eval_step(self, batch: dict[str, Tensor], dataloader_idx: int) -> None:
+        if dataloader_idx == GALLERY:
+            feats = self.model.encode_image(batch["images"])
+        else:
+            feats = self.model.encode_text(batch["caption_input_ids"], batch.get("caption_attention_mask"))
+        self._eval_feats[dataloader_idx].append((feats.float(), batch["pids"]))
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        (image_feats, image_pids), (text_feats, text_pids) = (
+            (torch.cat([f for f, _ in self._eval_feats[i]]), torch.cat([p for _, p in self._eval_feats[i]]))
+            for i in (GALLERY, QUERIES)
+        )
+        self._eval_feats = {GALLERY: [], QUERIES: []}
+        sim_t2i = text_feats @ image_feats.T  # (Q_text, G_image) cosine similarities
+        results = {
+            "t2i": rank_metrics(sim_t2i, text_pids, image_pids),
+            "i2t": rank_metrics(sim_t2i.T, image_pids, text_pids),
+        }
+        self.eval_results[stage] = results
+        self.log_dict({f"{stage}/{task}_{k}": v for task, metrics in results.items() for k, v in metrics.items()})
+        self.log(f"{stage}_score", results["t2i"]["R1"], prog_bar=stage == "val")
+        log.info("%s results:\n%s", stage.capitalize(), results_table(results))
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")

@@ -1,0 +1,74 @@
+"""Prepare backbone checkpoints in the Hugging Face layout.
+
+    uv run prepare_checkpoints.py                      # download google/siglip-base-patch16-256-multilingual
+    uv run prepare_checkpoints.py --tiny               # build the offline tiny SigLIP used by the demo
+
+The download is idempotent (files already present are not fetched again) and lands in `m_siglip_checkpoints/`,
+the `backbone.path` of `backbone=m_siglip`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from data.synthetic import SyntheticSpec, all_captions, ensure_vn3k
+from model.backbone import check_model_dir
+from model.checkpoints import TinySiglipSpec, write_tiny_checkpoint
+
+log = logging.getLogger("prepare_checkpoints")
+
+MULTILINGUAL_REPO = "google/siglip-base-patch16-256-multilingual"
+#: What this project reads from the checkpoint (weights, config, SentencePiece tokenizer, image preprocessing).
+ALLOW_PATTERNS = ["*.json", "*.safetensors", "spiece.model"]
+
+
+def download(repo_id: str, out_dir: Path) -> Path:
+    """Download `repo_id` into `out_dir` and check the result loads as a model directory."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        snapshot_download(repo_id=repo_id, local_dir=str(out_dir), allow_patterns=ALLOW_PATTERNS)
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
+        raise SystemExit(
+            f"Could not download {repo_id} into {out_dir} ({type(error).__name__}: {error}).\n"
+            "The Hugging Face hub is unreachable from this machine. Download the repository elsewhere "
+            f"(`huggingface-cli download {repo_id} --local-dir {out_dir.name}`) and copy the folder here, or train "
+            "on the embedded default: `uv run trainer.py -cn demo`."
+        ) from error
+    return check_model_dir(out_dir)
+
+
+def build_tiny(out_dir: Path, data_root: Path) -> Path:
+    """Write the tiny checkpoint, generating the embedded dataset first (its captions train the tokenizer)."""
+    if out_dir.exists():
+        log.info("%s already exists; delete it to rebuild.", out_dir)
+        return check_model_dir(out_dir)
+    dataset_dir = ensure_vn3k(data_root, SyntheticSpec())
+    return write_tiny_checkpoint(out_dir, all_captions(dataset_dir), TinySiglipSpec())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repo-id", default=MULTILINGUAL_REPO, help="hub repository to download")
+    parser.add_argument(
+        "--out", type=Path, help="target folder (default: m_siglip_checkpoints, or demo_assets/tiny_siglip with --tiny)"
+    )
+    parser.add_argument("--tiny", action="store_true", help="build the offline tiny SigLIP instead of downloading")
+    parser.add_argument(
+        "--data-root", type=Path, default=Path("demo_assets"), help="where the embedded dataset lives (for --tiny)"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    if args.tiny:
+        path = build_tiny(args.out or args.data_root / "tiny_siglip", args.data_root)
+    else:
+        path = download(args.repo_id, args.out or Path("m_siglip_checkpoints"))
+    log.info("Checkpoint ready: %s", path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Optimizer with name-matched parameter groups (the seed's `optimizer.param_groups` layout).
+
+A trainable parameter joins the first named group whose name occurs in the parameter's name (e.g. `backbone`,
+`simclr`), otherwise the `default` group. Each group is split again so that biases and other 1-D parameters
+(norm weights, logit scale/bias) use `weight_decay_bias` (0 by default): decaying them only hurts. Frozen
+parameters are never handed to the optimizer.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+#: Keys of a param-group config that configure the schedule rather than the optimizer.
+SCHEDULE_KEYS = ("start_lr", "end_lr")
+
+#: `optimizer.type` -> (module, attribute). Resolved lazily so optional packages are imported only when chosen.
+OPTIMIZERS: dict[str, tuple[str, str]] = {
+    "torch.optim.AdamW": ("torch.optim", "AdamW"),
+    "torch.optim.Adam": ("torch.optim", "Adam"),
+    "torch.optim.SGD": ("torch.optim", "SGD"),
+    "bitsandbytes.optim.AdamW8bit": ("bitsandbytes.optim", "AdamW8bit"),
+}
+
+
+def optimizer_problems(optimizer_cfg: Mapping[str, Any]) -> list[str]:
+    """Config problems that would make `build_optimizer` fail (checked before any model is built)."""
+    name = optimizer_cfg.get("type")
+    if name not in OPTIMIZERS:
+        return [f"optimizer.type={name!r} is unknown; valid: {sorted(OPTIMIZERS)}."]
+    issues = []
+    if "default" not in optimizer_cfg.get("param_groups", {}):
+        issues.append("optimizer.param_groups needs a `default` group.")
+    module, _ = OPTIMIZERS[name]
+    if module.startswith("bitsandbytes"):
+        try:
+            importlib.import_module(module)
+        except Exception as error:  # ImportError, or a CUDA setup error raised at import
+            issues.append(
+                f"optimizer.type={name} needs the bitsandbytes package and a CUDA GPU ({type(error).__name__}: "
+                f"{error}). Install it with `uv add bitsandbytes` on a CUDA machine, or choose a torch optimizer, "
+                "e.g. `optimizer=tbps_clip` (same groups with torch.optim.AdamW)."
+            )
+        else:
+            if not torch.cuda.is_available():
+                issues.append(f"optimizer.type={name} runs on CUDA only; use `optimizer=tbps_clip` on this machine.")
+    return issues
+
+
+def _is_no_decay(name: str, param: nn.Parameter) -> bool:
+    return param.ndim <= 1 or name.endswith(".bias")
+
+
+def param_groups(model: nn.Module, groups_cfg: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Split the trainable parameters of `model` into optimizer param groups.
+
+    Returns dicts with `params`, `name` (`<group>` or `<group>/no_decay`), the optimizer keys of the group config
+    and its `start_lr` / `end_lr` (read by the scheduler, ignored by torch optimizers).
+    """
+    named = [name for name in groups_cfg if name != "default"]
+    buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        group = next((candidate for candidate in named if candidate in name), "default")
+        buckets.setdefault((group, _is_no_decay(name, param)), []).append(param)
+
+    result = []
+    for (group, no_decay), params in buckets.items():
+        cfg = dict(groups_cfg[group])
+        decay_bias = cfg.pop("weight_decay_bias", 0.0)
+        if no_decay:
+            cfg["weight_decay"] = decay_bias
+        if "betas" in cfg:
+            cfg["betas"] = tuple(cfg["betas"])
+        result.append({"params": params, "name": f"{group}/no_decay" if no_decay else group, **cfg})
+    for group in result:
+        log.info(
+            "param group %-22s %8d tensors %12d params lr %.2e wd %.3g",
+            group["name"],
+            len(group["params"]),
+            sum(p.numel() for p in group["params"]),
+            group["lr"],
+            group.get("weight_decay", 0.0),
+        )
+    return result
+
+
+def build_optimizer(optimizer_cfg: Mapping[str, Any], model: nn.Module) -> torch.optim.Optimizer:
+    """Instantiate `optimizer.type` over `param_groups(model, optimizer.param_groups)`."""
+    problems = optimizer_problems(optimizer_cfg)
+    if problems:
+        raise ValueError(" ".join(problems))
+    module, attribute = OPTIMIZERS[optimizer_cfg["type"]]
+    optimizer_cls = getattr(importlib.import_module(module), attribute)
+    groups = param_groups(model, optimizer_cfg["param_groups"])
+    if not groups:
+        raise ValueError("The model has no trainable parameters: check backbone.freeze and the LoRA settings.")
+    defaults = {
+        k: v
+        for k, v in optimizer_cfg["param_groups"]["default"].items()
+        if k not in (*SCHEDULE_KEYS, "weight_decay_bias")
+    }
+    if "betas" in defaults:
+        defaults["betas"] = tuple(defaults["betas"])
+    return optimizer_cls(groups, **defaults)

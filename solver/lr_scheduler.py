@@ -1,0 +1,108 @@
+"""Per-iteration learning-rate schedules with warmup (the seed's `LRSchedulerWithWarmup`, as pure functions).
+
+Each param group warms up linearly from its `start_lr` to its `lr`, then follows the decay `mode` towards its
+`end_lr`. The schedule steps once per optimizer step, so gradient accumulation does not stretch it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+# progress in [0, 1] after warmup, base lr, end lr, mode options -> lr
+Decay = Callable[[float, float, float, Mapping[str, Any]], float]
+
+
+def _cosine(progress: float, base: float, end: float, _: Mapping[str, Any]) -> float:
+    return end + (base - end) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _linear(progress: float, base: float, end: float, _: Mapping[str, Any]) -> float:
+    return base + (end - base) * progress
+
+
+def _poly(progress: float, base: float, end: float, options: Mapping[str, Any]) -> float:
+    return end + (base - end) * (1 - progress) ** options.get("power", 0.9)
+
+
+def _exp(progress: float, base: float, end: float, options: Mapping[str, Any]) -> float:
+    # Geometric interpolation from base to end (end must be > 0 for this mode).
+    return base * (max(end, 1e-12) / base) ** progress
+
+
+def _constant(progress: float, base: float, end: float, _: Mapping[str, Any]) -> float:
+    return base
+
+
+def _step(progress: float, base: float, end: float, options: Mapping[str, Any]) -> float:
+    milestones: Sequence[float] = options.get("milestones", (0.5, 0.75))  # fractions of the decay phase
+    return base * options.get("gamma", 0.1) ** sum(progress >= milestone for milestone in milestones)
+
+
+#: scheduler.mode -> decay after warmup.
+DECAYS: dict[str, Decay] = {
+    "cosine": _cosine,
+    "linear": _linear,
+    "poly": _poly,
+    "exp": _exp,
+    "step": _step,
+    "constant": _constant,
+}
+
+
+def lr_at(
+    step: int,
+    *,
+    base_lr: float,
+    start_lr: float,
+    end_lr: float,
+    warmup_steps: int,
+    total_steps: int,
+    mode: str = "cosine",
+    options: Mapping[str, Any] | None = None,
+) -> float:
+    """Learning rate of one param group at optimizer step `step` (0-based)."""
+    if step < warmup_steps:
+        return start_lr + (base_lr - start_lr) * step / warmup_steps
+    decay_steps = max(total_steps - warmup_steps, 1)
+    progress = min((step - warmup_steps) / decay_steps, 1.0)
+    return DECAYS[mode](progress, base_lr, end_lr, options or {})
+
+
+def scheduler_problems(scheduler_cfg: Mapping[str, Any]) -> list[str]:
+    mode = scheduler_cfg.get("mode", "cosine")
+    issues = [] if mode in DECAYS else [f"scheduler.mode={mode!r} is unknown; valid: {sorted(DECAYS)}."]
+    fraction = scheduler_cfg.get("warmup_fraction", 0.0)
+    if not 0 <= fraction < 1:
+        issues.append(f"scheduler.warmup_fraction must be in [0, 1), got {fraction}.")
+    return issues
+
+
+def build_scheduler(optimizer: Optimizer, scheduler_cfg: Mapping[str, Any], total_steps: int) -> LambdaLR:
+    """LambdaLR applying `lr_at` to every param group (group `lr` is the peak, `start_lr`/`end_lr` its ends)."""
+    warmup_steps = int(scheduler_cfg.get("warmup_fraction", 0.0) * total_steps)
+    mode = scheduler_cfg.get("mode", "cosine")
+    options = {k: v for k, v in scheduler_cfg.items() if k not in ("mode", "warmup_fraction")}
+
+    def factor_for(group: Mapping[str, Any]) -> Callable[[int], float]:
+        base = group["lr"]
+        start, end = group.get("start_lr", base), group.get("end_lr", base)
+        return lambda step: (
+            lr_at(
+                step,
+                base_lr=base,
+                start_lr=start,
+                end_lr=end,
+                warmup_steps=warmup_steps,
+                total_steps=total_steps,
+                mode=mode,
+                options=options,
+            )
+            / base
+        )
+
+    return LambdaLR(optimizer, [factor_for(group) for group in optimizer.param_groups])

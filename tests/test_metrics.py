@@ -1,0 +1,173 @@
+"""Tests for utils.metrics.rank_metrics against hand-checked values and a slow pure-Python reference."""
+
+import math
+
+import pytest
+import torch
+
+from utils.metrics import NoRelevantGalleryError, rank_metrics
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+    ),
+]
+
+
+def _reference(similarity: torch.Tensor, query_pids: torch.Tensor, gallery_pids: torch.Tensor, ks) -> dict:
+    """Full ranking per query, IRRA definitions, ties broken by gallery index."""
+    sim, qp, gp = similarity.double().tolist(), query_pids.tolist(), gallery_pids.tolist()
+    cmc, aps, inps = {k: 0 for k in ks}, [], []
+    for row, pid in zip(sim, qp):
+        order = sorted(range(len(gp)), key=lambda j: (-row[j], j))
+        matches = [gp[j] == pid for j in order]
+        for k in ks:
+            cmc[k] += any(matches[:k])
+        hits, precisions, last = 0, [], 0
+        for position, is_match in enumerate(matches, start=1):
+            if is_match:
+                hits += 1
+                precisions.append(hits / position)
+                last = position
+        aps.append(sum(precisions) / hits)
+        inps.append(hits / last)
+    out = {f"R{k}": 100.0 * cmc[k] / len(qp) for k in ks}
+    out["mAP"] = 100.0 * sum(aps) / len(aps)
+    out["mINP"] = 100.0 * sum(inps) / len(inps)
+    return out
+
+
+def _assert_metrics_equal(actual: dict, expected: dict) -> None:
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        assert actual[key] == pytest.approx(value, abs=1e-9), key
+
+
+def _random_case(num_queries: int, num_gallery: int, num_ids: int, decimals: int, seed: int):
+    """Random scores rounded to `decimals` (forcing exact ties) and pids with several positives per query."""
+    gen = torch.Generator().manual_seed(seed)
+    extra_pids = torch.randint(0, num_ids, (num_gallery - num_ids,), generator=gen)
+    gallery_pids = torch.cat([torch.arange(num_ids), extra_pids])  # every id occurs at least once
+    gallery_pids = gallery_pids[torch.randperm(num_gallery, generator=gen)]
+    query_pids = torch.randint(0, num_ids, (num_queries,), generator=gen)
+    similarity = torch.round(torch.rand(num_queries, num_gallery, generator=gen) * 2 - 1, decimals=decimals)
+    return similarity, query_pids, gallery_pids
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_hand_checked_example(device):
+    similarity = torch.tensor([[0.9, 0.8, 0.1, 0.5], [0.2, 0.3, 0.9, 0.1]], device=device)
+    metrics = rank_metrics(similarity, torch.tensor([0, 1]), torch.tensor([0, 1, 0, 2]), ks=(1, 2, 3, 4))
+    _assert_metrics_equal(metrics, {"R1": 50.0, "R2": 100.0, "R3": 100.0, "R4": 100.0, "mAP": 62.5, "mINP": 50.0})
+
+
+def test_default_keys_and_multiple_positives():
+    # Query 0 (pid 7): relevant items at ranks 2, 3, 5 of 10. Query 1 (pid 3): relevant at ranks 1 and 10.
+    scores = torch.linspace(1.0, 0.1, 10)  # gallery index j sits at rank j + 1
+    similarity = torch.stack([scores, scores])
+    gallery_pids = torch.tensor([3, 7, 7, 1, 7, 1, 1, 1, 1, 3])
+    metrics = rank_metrics(similarity, torch.tensor([7, 3]), gallery_pids)
+    ap_0, ap_1 = (1 / 2 + 2 / 3 + 3 / 5) / 3, (1 / 1 + 2 / 10) / 2
+    expected = {"R1": 50.0, "R5": 100.0, "R10": 100.0, "mAP": 50.0 * (ap_0 + ap_1), "mINP": 50.0 * (3 / 5 + 2 / 10)}
+    _assert_metrics_equal(metrics, expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    ("gallery_pids", "expected"),
+    [
+        # Three-way tie at 0.5: the irrelevant index 0 ranks first, relevant 1 and 2 take ranks 2 and 3.
+        ([0, 1, 1, 2], {"R1": 0.0, "R2": 100.0, "mAP": 100 * (1 / 2 + 2 / 3) / 2, "mINP": 100 * 2 / 3}),
+        # Same scores, relevant items first in gallery order: they win the tie.
+        ([1, 1, 0, 2], {"R1": 100.0, "R2": 100.0, "mAP": 100.0, "mINP": 100.0}),
+    ],
+)
+def test_ties_broken_by_gallery_index(device, gallery_pids, expected):
+    similarity = torch.tensor([[0.5, 0.5, 0.5, 0.2]], device=device)
+    _assert_metrics_equal(rank_metrics(similarity, torch.tensor([1]), torch.tensor(gallery_pids), ks=(1, 2)), expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_signed_zeros_tie(device):
+    # -0.0 == 0.0, so the lower index (irrelevant) must rank first whatever the sign bits.
+    similarity = torch.tensor([[-1.0, -0.0, 0.0], [-1.0, 0.0, -0.0]], device=device)
+    metrics = rank_metrics(similarity, torch.tensor([1, 1]), torch.tensor([0, 2, 1]), ks=(1, 2))
+    _assert_metrics_equal(metrics, {"R1": 0.0, "R2": 100.0, "mAP": 50.0, "mINP": 50.0})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("chunk_size", [1, 4, 37, 1000, None])
+@pytest.mark.parametrize("decimals", [1, 3])
+def test_matches_reference_on_random_scores(device, chunk_size, decimals):
+    similarity, query_pids, gallery_pids = _random_case(37, 53, 6, decimals, seed=decimals)
+    ks = (1, 5, 10, 53)
+    metrics = rank_metrics(similarity.to(device), query_pids, gallery_pids, ks=ks, chunk_size=chunk_size)
+    _assert_metrics_equal(metrics, _reference(similarity, query_pids, gallery_pids, ks))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_reference_on_long_gallery_with_many_ties(device):
+    # Long rows take different sort kernels (e.g. radix sort on CUDA) than the small cases above.
+    similarity, query_pids, gallery_pids = _random_case(3, 4000, 50, 2, seed=7)
+    metrics = rank_metrics(similarity.to(device), query_pids, gallery_pids, chunk_size=2)
+    _assert_metrics_equal(metrics, _reference(similarity, query_pids, gallery_pids, (1, 5, 10)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_low_and_double_precision_inputs(dtype):
+    similarity, query_pids, gallery_pids = _random_case(20, 30, 5, 2, seed=3)
+    similarity = similarity.to(dtype)
+    metrics = rank_metrics(similarity, query_pids, gallery_pids)
+    _assert_metrics_equal(metrics, _reference(similarity, query_pids, gallery_pids, (1, 5, 10)))
+
+
+def test_text_to_image_and_image_to_text():
+    gen = torch.Generator().manual_seed(0)
+    image_pids = torch.tensor([0, 0, 1, 2, 2, 3, 4, 5, 6, 7, 8, 9])
+    text_pids = image_pids.repeat_interleave(2)  # two captions per image
+    image_feats = torch.nn.functional.normalize(torch.randn(len(image_pids), 16, generator=gen), dim=1)
+    text_feats = torch.nn.functional.normalize(
+        image_feats.repeat_interleave(2, dim=0) + 0.8 * torch.randn(len(text_pids), 16, generator=gen), dim=1
+    )
+    sim_t2i = text_feats @ image_feats.T  # (24, 12)
+    t2i = rank_metrics(sim_t2i, text_pids, image_pids)
+    i2t = rank_metrics(sim_t2i.T, image_pids, text_pids)
+    _assert_metrics_equal(t2i, _reference(sim_t2i, text_pids, image_pids, (1, 5, 10)))
+    _assert_metrics_equal(i2t, _reference(sim_t2i.T, image_pids, text_pids, (1, 5, 10)))
+    id_feats = torch.nn.functional.one_hot(image_pids).float()  # same pid <=> score 1, else 0
+    perfect = rank_metrics(id_feats @ id_feats.T, image_pids, image_pids)
+    _assert_metrics_equal(perfect, {"R1": 100.0, "R5": 100.0, "R10": 100.0, "mAP": 100.0, "mINP": 100.0})
+    with pytest.raises(ValueError, match="query_pids must have shape"):
+        rank_metrics(sim_t2i.T, text_pids, image_pids)
+
+
+def test_query_without_relevant_gallery_item_raises():
+    similarity = torch.rand(4, 5)
+    with pytest.raises(NoRelevantGalleryError, match=r"2 of 4 queries .*indices \[1, 3\], pids \[9, 8\]"):
+        rank_metrics(similarity, torch.tensor([0, 9, 1, 8]), torch.tensor([0, 1, 0, 1, 2]), ks=(1,))
+
+
+@pytest.mark.parametrize(
+    ("similarity", "query_pids", "gallery_pids", "kwargs", "message"),
+    [
+        (torch.rand(2, 4), torch.tensor([0, 1]), torch.tensor([0, 1, 0, 1]), {}, r"ks \[5, 10\] must lie in \[1, 4\]"),
+        (torch.rand(2, 4), torch.tensor([0, 1]), torch.tensor([0, 1, 0, 1]), {"ks": (0,)}, r"ks \[0\]"),
+        (torch.rand(4), torch.tensor([0]), torch.tensor([0, 1, 0, 1]), {"ks": (1,)}, "non-empty \\(Q, G\\) matrix"),
+        (torch.rand(0, 4), torch.tensor([]), torch.tensor([0, 1, 0, 1]), {"ks": (1,)}, "non-empty"),
+        (torch.rand(2, 4), torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0, 1]), {"ks": (1,)}, "query_pids"),
+        (torch.rand(2, 4), torch.tensor([0, 1]), torch.tensor([0, 1, 0]), {"ks": (1,)}, "gallery_pids"),
+        (torch.ones(2, 4, dtype=torch.long), torch.tensor([0, 1]), torch.tensor([0, 1, 0, 1]), {"ks": (1,)}, "float"),
+        (torch.rand(2, 4), torch.tensor([0, 1]), torch.tensor([0, 1, 0, 1]), {"ks": (1,), "chunk_size": 0}, "chunk"),
+        (
+            torch.tensor([[0.1, 0.2], [math.nan, 0.3]]),
+            torch.tensor([0, 1]),
+            torch.tensor([0, 1]),
+            {"ks": (1,)},
+            "1 contains",
+        ),
+    ],
+)
+def test_invalid_inputs_raise(similarity, query_pids, gallery_pids, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        rank_metrics(similarity, query_pids, gallery_pids, **kwargs)

@@ -1,0 +1,248 @@
+"""Annotation readers on tiny fixture datasets written to tmp_path."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from data.readers import READERS, DatasetFormatError, EvalSplit, read_dataset
+
+# name -> (folder, annotation file, path key, validation split value)
+LAYOUTS = {
+    "CUHK-PEDES": ("CUHK-PEDES", "reid_raw.json", "file_path", "val"),
+    "ICFG-PEDES": ("ICFG-PEDES", "ICFG-PEDES.json", "file_path", "val"),
+    "RSTPReid": ("RSTPReid", "data_captions.json", "img_path", "val"),
+    "VN3K_VI": ("VN3K", "data_captions.json", "file_path", "validate"),
+    "VN3K_EN": ("VN3K", "data_captions.json", "file_path", "validate"),
+    "VN3K_MIXED": ("VN3K", "data_captions.json", "file_path", "validate"),
+}
+
+
+def record(raw_id: int, path: str, split: str, n_captions: int = 2, path_key: str = "file_path") -> dict[str, Any]:
+    """An annotation record with Vietnamese ``captions`` and English ``en_captions`` (as VN3K has)."""
+    return {
+        "id": raw_id,
+        path_key: path,
+        "captions": [f"vi {path} {i}" for i in range(n_captions)],
+        "en_captions": [f"en {path} {i}" for i in range(n_captions)],
+        "split": split,
+        "processed_tokens": [["ignored"]],
+    }
+
+
+def write_dataset(root: Path, name: str, records: list[Any] | str) -> Path:
+    """Writes ``records`` (or raw annotation text) and one tiny PNG per record; returns the annotation path."""
+    folder, annotation, path_key, _ = LAYOUTS[name]
+    (root / folder / "imgs").mkdir(parents=True, exist_ok=True)
+    for i, rec in enumerate(records if isinstance(records, list) else []):
+        if isinstance(rec, dict) and isinstance(rec.get(path_key), str) and rec[path_key]:
+            image_path = root / folder / "imgs" / rec[path_key]
+            image_path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (4, 8), (30 * i % 256, 0, 0)).save(image_path)
+    text = records if isinstance(records, str) else json.dumps(records, ensure_ascii=False, indent=1)
+    (root / folder / annotation).write_text(text, encoding="utf-8")
+    return root / folder / annotation
+
+
+def standard_records(name: str) -> list[dict[str, Any]]:
+    """Train ids 7, 3, 11 (non-contiguous, unsorted) interleaved with test and validation records."""
+    _, _, path_key, val_split = LAYOUTS[name]
+    rows = [
+        (7, "p7/a.png", "train"),
+        (50, "t50/a.png", "test"),
+        (3, "p3/a.png", "train"),
+        (7, "p7/b.png", "train"),
+        (60, "v60/a.png", val_split),
+        (11, "p11/a.png", "train"),
+        (50, "t50/b.png", "test"),
+        (51, "t51/a.png", "test"),
+    ]
+    return [record(raw_id, path, split, path_key=path_key) for raw_id, path, split in rows]
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_reader_builds_splits(tmp_path: Path, name: str) -> None:
+    write_dataset(tmp_path, name, standard_records(name))
+    splits = read_dataset(name, tmp_path)
+    folder = tmp_path / LAYOUTS[name][0]
+    captions_per_image = 4 if name == "VN3K_MIXED" else 2
+    assert splits.name == name and splits.root == folder
+    assert splits.num_train_ids == 3
+    assert len(splits.train) == 4 * captions_per_image
+    assert splits.summary_rows() == [
+        ("train", 3, 4, 4 * captions_per_image),
+        ("val", 1, 1, captions_per_image),
+        ("test", 2, 3, 3 * captions_per_image),
+    ]
+    # Sorted remap 3 -> 0, 7 -> 1, 11 -> 2; image_id counts train records only, in file order.
+    by_image = {s.image_id: (s.pid, s.image_path) for s in splits.train}
+    assert by_image == {
+        0: (1, folder / "imgs/p7/a.png"),
+        1: (0, folder / "imgs/p3/a.png"),
+        2: (1, folder / "imgs/p7/b.png"),
+        3: (2, folder / "imgs/p11/a.png"),
+    }
+    assert splits.test.image_pids == [50, 50, 51]
+    assert splits.test.image_paths == [folder / "imgs" / p for p in ("t50/a.png", "t50/b.png", "t51/a.png")]
+    assert splits.test.caption_pids == [50] * 2 * captions_per_image + [51] * captions_per_image
+    assert splits.val is not None and splits.val.image_pids == [60]
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("VN3K_VI", ["vi p3/a.png 0", "vi p3/a.png 1"]),
+        ("VN3K_EN", ["en p3/a.png 0", "en p3/a.png 1"]),
+        ("VN3K_MIXED", ["en p3/a.png 0", "en p3/a.png 1", "vi p3/a.png 0", "vi p3/a.png 1"]),
+        ("CUHK-PEDES", ["vi p3/a.png 0", "vi p3/a.png 1"]),
+    ],
+)
+def test_caption_keys(tmp_path: Path, name: str, expected: list[str]) -> None:
+    write_dataset(tmp_path, name, standard_records(name))
+    splits = read_dataset(name, tmp_path)
+    assert [s.caption for s in splits.train if s.pid == 0] == expected
+
+
+def test_vietnamese_text_round_trips(tmp_path: Path) -> None:
+    records = standard_records("VN3K_VI")
+    records[2]["captions"] = ["Người phụ nữ mặc áo dài màu đỏ"]
+    write_dataset(tmp_path, "VN3K_VI", records)
+    assert [s.caption for s in read_dataset("VN3K_VI", tmp_path).train if s.pid == 0] == records[2]["captions"]
+
+
+def test_icfg_zero_based_ids_and_rstp_img_path(tmp_path: Path) -> None:
+    icfg = [record(i, f"{i}.png", "train", n_captions=1) for i in (0, 1, 2)] + [record(0, "q.png", "test", 1)]
+    write_dataset(tmp_path, "ICFG-PEDES", icfg)
+    splits = read_dataset("ICFG-PEDES", tmp_path)
+    assert [s.pid for s in splits.train] == [0, 1, 2] and splits.val is None
+    rstp = [record(5, "a.jpg", "train", path_key="img_path"), record(9, "b.jpg", "test", path_key="img_path")]
+    write_dataset(tmp_path, "RSTPReid", rstp)
+    assert read_dataset("RSTPReid", tmp_path).test.image_paths == [tmp_path / "RSTPReid/imgs/b.jpg"]
+
+
+def test_empty_validation_split_is_none(tmp_path: Path) -> None:
+    records = [r for r in standard_records("VN3K_VI") if r["split"] != "validate"]
+    write_dataset(tmp_path, "VN3K_VI", records)
+    assert read_dataset("VN3K_VI", tmp_path).val is None
+
+
+@pytest.mark.parametrize(("name", "foreign"), [("VN3K_EN", "val"), ("CUHK-PEDES", "validate")])
+def test_other_split_values_are_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, name: str, foreign: str
+) -> None:
+    _, _, path_key, _ = LAYOUTS[name]
+    records = standard_records(name) + [record(90 + i, f"x{i}.png", foreign, path_key=path_key) for i in range(3)]
+    records.append(record(99, "y.png", "query", path_key=path_key))
+    write_dataset(tmp_path, name, records)
+    with caplog.at_level(logging.WARNING, logger="data.readers"):
+        splits = read_dataset(name, tmp_path)
+    assert splits.val is not None and splits.val.image_pids == [60]
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "ignored 4 records" in warning and f"'{foreign}': 3" in warning and "'query': 1" in warning
+
+
+def test_summary_table_is_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    write_dataset(tmp_path, "RSTPReid", standard_records("RSTPReid"))
+    with caplog.at_level(logging.INFO, logger="data.readers"):
+        read_dataset("RSTPReid", tmp_path)
+    assert any("subset" in r.getMessage() and "captions" in r.getMessage() for r in caplog.records)
+
+
+def test_unknown_dataset_lists_names(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="valid names") as info:
+        read_dataset("MARKET", tmp_path)
+    assert all(name in str(info.value) for name in READERS)
+
+
+def test_missing_folder_imgs_and_annotation(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="CUHK-PEDES") as info:
+        read_dataset("CUHK-PEDES", tmp_path)
+    assert str(tmp_path / "CUHK-PEDES") in str(info.value) and "reid_raw.json" in str(info.value)
+    (tmp_path / "CUHK-PEDES").mkdir()
+    with pytest.raises(FileNotFoundError, match="imgs"):
+        read_dataset("CUHK-PEDES", tmp_path)
+    (tmp_path / "CUHK-PEDES" / "imgs").mkdir()
+    with pytest.raises(FileNotFoundError) as info:
+        read_dataset("CUHK-PEDES", tmp_path)
+    assert str(tmp_path / "CUHK-PEDES" / "reid_raw.json") in str(info.value)
+
+
+def test_malformed_json_names_file_and_line(tmp_path: Path) -> None:
+    annotation = write_dataset(tmp_path, "VN3K_VI", '[\n{"id": 1,\n "file_path": "a.png" "split": "train"}\n]')
+    with pytest.raises(DatasetFormatError, match="line 3") as info:
+        read_dataset("VN3K_VI", tmp_path)
+    assert str(annotation) in str(info.value)
+
+
+def test_top_level_must_be_list(tmp_path: Path) -> None:
+    annotation = write_dataset(tmp_path, "VN3K_VI", '{"images": []}')
+    with pytest.raises(DatasetFormatError, match="JSON list") as info:
+        read_dataset("VN3K_VI", tmp_path)
+    assert str(annotation) in str(info.value)
+
+
+def _drop(key: str) -> Any:
+    return lambda rec: {k: v for k, v in rec.items() if k != key}
+
+
+def _set(key: str, value: Any) -> Any:
+    return lambda rec: {**rec, key: value}
+
+
+@pytest.mark.parametrize(
+    ("name", "corrupt", "key", "expected"),
+    [
+        ("CUHK-PEDES", _drop("id"), "id", "missing"),
+        ("CUHK-PEDES", _set("id", "7"), "id", "must be int"),
+        ("CUHK-PEDES", _set("id", True), "id", "must be int"),
+        ("CUHK-PEDES", _drop("file_path"), "file_path", "missing"),
+        ("RSTPReid", _drop("img_path"), "img_path", "missing"),
+        ("CUHK-PEDES", _set("file_path", 12), "file_path", "must be str"),
+        ("CUHK-PEDES", _set("file_path", ""), "file_path", "non-empty"),
+        ("CUHK-PEDES", _drop("captions"), "captions", "missing"),
+        ("VN3K_EN", _drop("en_captions"), "en_captions", "missing"),
+        ("VN3K_MIXED", _drop("en_captions"), "en_captions", "missing"),
+        ("CUHK-PEDES", _set("captions", "a man"), "captions", "must be list"),
+        ("CUHK-PEDES", _set("captions", []), "captions", "non-empty list"),
+        ("CUHK-PEDES", _set("captions", ["ok", "   "]), "captions", "item 1 must be a non-empty string"),
+        ("CUHK-PEDES", _set("captions", ["ok", None]), "captions", "item 1 must be a non-empty string"),
+        ("CUHK-PEDES", _set("captions", [""]), "captions", "item 0"),
+        ("CUHK-PEDES", _drop("split"), "split", "missing"),
+        ("CUHK-PEDES", _set("split", 1), "split", "must be str"),
+    ],
+)
+def test_bad_record_names_file_record_and_key(tmp_path: Path, name: str, corrupt: Any, key: str, expected: str) -> None:
+    records = standard_records(name)
+    records[3] = corrupt(records[3])
+    annotation = write_dataset(tmp_path, name, records)
+    with pytest.raises(DatasetFormatError, match=expected) as info:
+        read_dataset(name, tmp_path)
+    message = str(info.value)
+    assert str(annotation) in message and "record 3" in message and f"'{key}'" in message
+
+
+def test_record_must_be_object(tmp_path: Path) -> None:
+    annotation = write_dataset(tmp_path, "CUHK-PEDES", [*standard_records("CUHK-PEDES"), ["not", "a", "dict"]])
+    with pytest.raises(DatasetFormatError, match="record 8: must be a JSON object") as info:
+        read_dataset("CUHK-PEDES", tmp_path)
+    assert str(annotation) in str(info.value)
+
+
+@pytest.mark.parametrize("missing", ["train", "test"])
+def test_train_and_test_are_required(tmp_path: Path, missing: str) -> None:
+    annotation = write_dataset(tmp_path, "VN3K_VI", [r for r in standard_records("VN3K_VI") if r["split"] != missing])
+    with pytest.raises(DatasetFormatError, match=f"'split' == '{missing}'") as info:
+        read_dataset("VN3K_VI", tmp_path)
+    assert str(annotation) in str(info.value)
+
+
+def test_query_pid_without_gallery_image() -> None:
+    with pytest.raises(ValueError, match=r"query pids \[4\]"):
+        EvalSplit(image_pids=[1, 2], image_paths=[Path("a"), Path("b")], caption_pids=[1, 4], captions=["x", "y"])
+    with pytest.raises(ValueError, match="parallel"):
+        EvalSplit(image_pids=[1], image_paths=[], caption_pids=[], captions=[])

@@ -1,0 +1,53 @@
+"""End to end: the demo config trains, selects on validation, tests, and beats chance."""
+
+from pathlib import Path
+
+from data.readers import read_dataset
+from tests.conftest import compose_config, demo_overrides
+from trainer import chance_t2i_r1, train
+
+
+def test_fast_dev_run_executes_a_training_and_evaluation_step(demo_root, tmp_path):
+    cfg = compose_config("demo", demo_overrides(demo_root, "+trainer.fast_dev_run=true", "dataset.test_batch_size=512"))
+    results = train(cfg, tmp_path)
+    assert set(results) == {"val", "test"}
+    assert set(results["test"]) == {"t2i", "i2t"}
+
+
+def test_short_demo_run_beats_chance_and_keeps_best_and_last_checkpoints(demo_root, tmp_path):
+    cfg = compose_config("demo", demo_overrides(demo_root, "trainer.max_epochs=10", "dataset.batch_size=16"))
+    results = train(cfg, tmp_path)
+    test = read_dataset("VN3K_VI", demo_root).test
+    chance = chance_t2i_r1(test.caption_pids, test.image_pids)
+    assert results["test"]["t2i"]["R1"] > 3 * chance, (results, chance)
+    names = {p.name for p in Path(tmp_path, "checkpoints").iterdir()}
+    assert "last.ckpt" in names and any(name.startswith("epoch=") and "val_score=" in name for name in names)
+    assert (tmp_path / "csv").is_dir()
+
+
+def test_hydra_entry_point_with_offline_wandb(demo_root, tmp_path):
+    """`trainer.py -cn demo` as a user runs it: Hydra run folder, W&B offline, result table on the console."""
+    import os
+    import subprocess
+    import sys
+
+    overrides = [o for o in demo_overrides(demo_root) if not o.startswith("logger=")]
+    command = [
+        sys.executable,
+        "trainer.py",
+        "-cn",
+        "demo",
+        *overrides,
+        "logger=wandb",
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=2",
+        "dataset.test_batch_size=512",
+        f"hydra.run.dir={tmp_path}",
+    ]
+    env = {**os.environ, "WANDB_SILENT": "true"}
+    done = subprocess.run(command, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    assert "chance t2i R1:" in output and "| Task |" in output and "| t2i  |" in output
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+    assert (tmp_path / ".hydra" / "config.yaml").is_file()

@@ -1,0 +1,116 @@
+"""Train and evaluate a TBPS model: `uv run trainer.py -cn <config> [key=value ...]`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+from data.text import CaptionTokenizer
+from lightning_data import TBPSDataModule, data_config_problems, ensure_demo_assets
+from lightning_models import TBPSLitModule, model_config_problems
+from utils.config import ConfigError, register_resolvers
+
+log = logging.getLogger(__name__)
+register_resolvers()
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise one ConfigError listing every problem of the composed config (before any download or model build)."""
+    problems = []
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except Exception as error:  # noqa: BLE001 - any interpolation error is a config problem to report
+        problems.append(f"cannot resolve the config: {error}")
+    else:
+        problems += data_config_problems(cfg) + model_config_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+
+
+def build_logger(cfg: DictConfig, run_dir: Path, run_name: str) -> Logger:
+    if cfg.logger.type == "wandb":
+        return WandbLogger(
+            project=cfg.logger.project,
+            name=run_name,
+            save_dir=str(run_dir),
+            mode=cfg.logger.mode,
+            config=OmegaConf.to_container(cfg, resolve=True),
+        )
+    if cfg.logger.type == "csv":
+        return CSVLogger(save_dir=str(run_dir), name="csv")
+    raise ConfigError([f"logger.type={cfg.logger.type!r} is unknown; valid: ['csv', 'wandb']."])
+
+
+def chance_t2i_r1(query_pids: list[int], gallery_pids: list[int]) -> float:
+    """Expected t2i R1 (percent) of a random ranking: mean over queries of |relevant gallery| / |gallery|."""
+    gallery = torch.tensor(gallery_pids)
+    counts = (torch.tensor(query_pids).view(-1, 1) == gallery.view(1, -1)).sum(1).double()
+    return float(counts.mean() / len(gallery_pids) * 100)
+
+
+def train(cfg: DictConfig, run_dir: Path, run_name: str = "run") -> dict[str, dict[str, dict[str, float]]]:
+    """Fit on the train split, select the best epoch on validation, test it. Returns val/test result tables."""
+    validate_config(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    ensure_demo_assets(cfg)
+
+    module = TBPSLitModule(cfg)
+    tokenizer = CaptionTokenizer.from_pretrained(
+        cfg.tokenizer.pretrained_model_name_or_path,
+        cfg.tokenizer.model_max_length,
+        return_attention_mask=cfg.tokenizer.use_attention_mask,
+    )
+    if tokenizer.vocab_size > module.text_vocab_size:
+        raise ConfigError(
+            [
+                f"tokenizer {cfg.tokenizer.pretrained_model_name_or_path} has {tokenizer.vocab_size} "
+                f"tokens but the text tower embeds {module.text_vocab_size}; use the tokenizer saved with "
+                "the checkpoint."
+            ]
+        )
+    datamodule = TBPSDataModule(cfg, tokenizer, simclr_views=module.objective.needs_ss_views)
+    datamodule.setup()
+    test = datamodule.splits.test
+    log.info("chance t2i R1: %.2f%%", chance_t2i_r1(test.caption_pids, test.image_pids))
+
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", filename="{epoch}-{val_score:.2f}", **cfg.logger.checkpoint
+    )  # epoch=E-val_score=S.ckpt (best on validation t2i R1) and last.ckpt
+    trainer = L.Trainer(
+        default_root_dir=run_dir,
+        logger=build_logger(cfg, run_dir, run_name),
+        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step")],
+        **cfg.trainer,
+    )
+    if cfg.eval_before_train:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    best = checkpoint.best_model_path or None
+    log.info("Testing the checkpoint selected on validation: %s", best or "(final weights)")
+    trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+    return module.eval_results
+
+
+def run_name_of(config_name: str, overrides: list[str]) -> str:
+    """`<config>_<key>_<value>_...` from the command-line overrides (the seed's experiment names)."""
+    parts = [config_name] + [o.lstrip("+~").replace("=", "_").replace("/", "-") for o in sorted(overrides)]
+    return "_".join(parts)[:128]
+
+
+@hydra.main(version_base="1.3", config_path="config", config_name=None)
+def main(cfg: DictConfig) -> None:
+    hydra_cfg = HydraConfig.get()
+    name = cfg.logger.experiment_name or run_name_of(hydra_cfg.job.config_name or "run", hydra_cfg.overrides.task)
+    train(cfg, Path(hydra_cfg.runtime.output_dir), name)
+
+
+if __name__ == "__main__":
+    main()
