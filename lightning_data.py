@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -15,6 +14,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, default_collate
 
 from data.datasets import ImageDataset, ImageTextDataset, TextDataset
+from data.mlm import mask_tokens
 from data.readers import READERS, DatasetSplits, EvalSplit, read_dataset
 from data.samplers import IdentitySampler
 from data.splits import hold_out_identities
@@ -50,13 +50,26 @@ def data_config_problems(cfg: DictConfig) -> list[str]:
 
 
 def collate_train(
-    samples: Sequence[Mapping[str, Any]], tokenizer: CaptionTokenizer, deletion: float, rng: random.Random
+    samples: Sequence[Mapping[str, Any]],
+    tokenizer: CaptionTokenizer,
+    deletion: float,
+    mlm_probability: float | None = None,
 ) -> dict[str, Any]:
-    """Stack a training batch and tokenise its (augmented) captions."""
-    captions = [random_deletion(sample["captions"], deletion, rng) for sample in samples]
+    """Stack a training batch, tokenise its (augmented) captions and, for MLM, mask a copy of them."""
+    captions = [random_deletion(sample["captions"], deletion) for sample in samples]
     batch = default_collate([{k: v for k, v in sample.items() if k != "captions"} for sample in samples])
     for key, value in tokenizer(captions).items():
         batch[f"caption_{key}"] = value
+    if mlm_probability:
+        batch["mlm_input_ids"], batch["mlm_labels"] = mask_tokens(
+            batch["caption_input_ids"],
+            mask_token_id=tokenizer.tokenizer.mask_token_id,
+            vocab_size=tokenizer.vocab_size,
+            special_token_ids=tokenizer.special_token_ids,
+            probability=mlm_probability,
+        )
+        if "caption_attention_mask" in batch:
+            batch["mlm_attention_mask"] = batch["caption_attention_mask"]
     return batch
 
 
@@ -73,11 +86,26 @@ class TBPSDataModule(L.LightningDataModule):
     Evaluation loaders come in pairs: index 0 the image gallery, index 1 the caption queries.
     """
 
-    def __init__(self, cfg: DictConfig, tokenizer: CaptionTokenizer, *, simclr_views: bool = False):
+    def __init__(
+        self,
+        cfg: DictConfig,
+        tokenizer: CaptionTokenizer,
+        *,
+        simclr_views: bool = False,
+        mlm_probability: float | None = None,
+    ):
+        """
+        Args:
+            cfg: The composed config.
+            tokenizer: Caption tokenizer (with a mask token when `mlm_probability` is set).
+            simclr_views: Also produce the two SimCLR views of each training image.
+            mlm_probability: Also produce masked captions for MLM, masking this fraction of tokens.
+        """
         super().__init__()
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.simclr_views = simclr_views
+        self.mlm_probability = mlm_probability
         self.splits: DatasetSplits | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -117,7 +145,7 @@ class TBPSDataModule(L.LightningDataModule):
             collate_train,
             tokenizer=self.tokenizer,
             deletion=self.cfg.aug.text.random_deletion,
-            rng=random.Random(self.cfg.seed),
+            mlm_probability=self.mlm_probability,
         )
         common = dict(
             batch_size=data.batch_size,
@@ -188,3 +216,23 @@ def ensure_demo_assets(cfg: DictConfig) -> None:
         if not (root / "VN3K").is_dir():
             raise FileNotFoundError(f"The tiny tokenizer is trained on {root / 'VN3K'}, which does not exist.")
         write_tiny_checkpoint(cfg.backbone.path, all_captions(root / "VN3K"), TinySiglipSpec(**tiny))
+
+
+def build_datamodule(cfg: DictConfig) -> TBPSDataModule:
+    """Tokenizer (plus a mask token when `loss.MLM`) and a set-up data module for the composed config."""
+    tokenizer = CaptionTokenizer.from_pretrained(
+        cfg.tokenizer.pretrained_model_name_or_path,
+        cfg.tokenizer.model_max_length,
+        return_attention_mask=cfg.tokenizer.use_attention_mask,
+    )
+    mlm = bool(cfg.loss.get("MLM", False))
+    if mlm:
+        tokenizer.add_mask_token()
+    datamodule = TBPSDataModule(
+        cfg,
+        tokenizer,
+        simclr_views=bool(cfg.loss.get("SS", False)),
+        mlm_probability=cfg.loss.get("mlm_probability", 0.15) if mlm else None,
+    )
+    datamodule.setup()
+    return datamodule

@@ -11,10 +11,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from model.backbone import load_backbone
+from model.backbone import load_backbone, needs_per_call_interpolation
 from model.objectives import cosine_similarity, identity_mask
-from model.strategies import LossSettings, Objective, TrainFeatures
-from model.tbps import TBPS
+from model.strategies import LossSettings, Objective, StepContext, TrainFeatures
+from model.tbps import TBPS, Heads
 from solver.build import build_optimizer, optimizer_problems
 from solver.lr_scheduler import build_scheduler, scheduler_problems
 from utils.metrics import rank_metrics
@@ -29,7 +29,7 @@ def model_config_problems(cfg: DictConfig) -> list[str]:
     """Problems in the loss / optimizer / scheduler groups, found before anything is built."""
     issues = []
     try:
-        issues += LossSettings.from_mapping(cfg.loss).problems()
+        issues += LossSettings.from_mapping(cfg.loss).problems(use_sigmoid=cfg.backbone.get("use_sigmoid", True))
     except ValueError as error:
         issues.append(str(error))
     issues += optimizer_problems(cfg.optimizer)
@@ -50,26 +50,49 @@ def pair_statistics(feats: TrainFeatures) -> dict[str, Tensor]:
 class TBPSLitModule(L.LightningModule):
     """Trains a TBPS model with the objective of `cfg.loss` and evaluates t2i / i2t retrieval."""
 
-    def __init__(self, cfg: DictConfig | dict[str, Any]):
+    def __init__(
+        self, cfg: DictConfig | dict[str, Any], *, num_classes: int | None = None, text_vocab_size: int | None = None
+    ):
+        """
+        Args:
+            cfg: The composed config (stored resolved, so a checkpoint rebuilds the module without Hydra).
+            num_classes: Training identities, for the ID loss's classifier.
+            text_vocab_size: Tokenizer size when it exceeds the checkpoint's (MLM adds a mask token).
+        """
         super().__init__()
         cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
-        # Stored resolved and as plain containers so a checkpoint rebuilds the module without Hydra.
-        self.save_hyperparameters({"cfg": OmegaConf.to_container(cfg, resolve=True)})
+        self.save_hyperparameters(
+            {
+                "cfg": OmegaConf.to_container(cfg, resolve=True),
+                "num_classes": num_classes,
+                "text_vocab_size": text_vocab_size,
+            }
+        )
         self.cfg = OmegaConf.create(self.hparams.cfg)
-        self.objective = Objective(LossSettings.from_mapping(self.cfg.loss))
         backbone_cfg = self.cfg.backbone
+        settings = LossSettings.from_mapping(self.cfg.loss)
+        self.objective = Objective(settings, use_sigmoid=backbone_cfg.get("use_sigmoid", True))
         backbone = load_backbone(
             Path(backbone_cfg.path),
             image_size=tuple(backbone_cfg.image_size),
             text_config_overrides=backbone_cfg.text_config,
             vision_config_overrides=backbone_cfg.vision_config,
             gradient_checkpointing=backbone_cfg.gradient_checkpointing,
+            text_vocab_size=text_vocab_size,
+        )
+        if settings.ID and not num_classes:
+            raise ValueError("loss.ID needs the number of training identities (num_classes).")
+        heads = Heads(
+            simclr=settings.SS,
+            num_classes=num_classes if settings.ID else None,
+            mlm_depth=settings.cmt_depth if settings.MLM else None,
         )
         self.model = TBPS(
             backbone,
-            simclr_head=self.objective.needs_ss_views,
+            heads,
             freeze_vision=backbone_cfg.freeze.vision,
             freeze_text=backbone_cfg.freeze.text,
+            interpolate_pos_encoding=needs_per_call_interpolation(backbone, tuple(backbone_cfg.image_size)),
         )
         self._eval_feats: dict[int, list[tuple[Tensor, Tensor]]] = {GALLERY: [], QUERIES: []}
         self.eval_results: dict[str, dict[str, dict[str, float]]] = {}
@@ -81,12 +104,16 @@ class TBPSLitModule(L.LightningModule):
     # ---------------------------------------------------------------- training
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         feats = self.model(batch, aug_view=self.objective.needs_aug_view, ss_views=self.objective.needs_ss_views)
-        terms = self.objective(feats)
+        steps_per_epoch = max(self.trainer.num_training_batches // self.trainer.accumulate_grad_batches, 1)
+        context = StepContext(epoch=self.global_step / steps_per_epoch)
+        terms = self.objective(feats, context)
         total = torch.stack(list(terms.values())).sum()
         batch_size = feats.pids.shape[0]
         self.log("train/total_loss", total, prog_bar=True, batch_size=batch_size)
         self.log_dict({f"train/{name}": value for name, value in terms.items()}, batch_size=batch_size)
         stats = {"logit_scale": feats.logit_scale, "logit_bias": feats.logit_bias, **pair_statistics(feats)}
+        if self.objective.settings.CIR:
+            stats["circle_weight"] = torch.tensor(self.objective.settings.circle_weight(context.epoch))
         self.log_dict({f"train/{name}": value.detach() for name, value in stats.items()}, batch_size=batch_size)
         return total
 

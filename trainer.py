@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import hydra
 import lightning as L
@@ -13,10 +14,10 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from data.text import CaptionTokenizer
-from lightning_data import TBPSDataModule, data_config_problems, ensure_demo_assets
+from lightning_data import build_datamodule, data_config_problems, ensure_demo_assets
 from lightning_models import TBPSLitModule, model_config_problems
 from utils.config import ConfigError, register_resolvers
+from utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 register_resolvers()
@@ -56,30 +57,32 @@ def chance_t2i_r1(query_pids: list[int], gallery_pids: list[int]) -> float:
     return float(counts.mean() / len(gallery_pids) * 100)
 
 
-def train(cfg: DictConfig, run_dir: Path, run_name: str = "run") -> dict[str, dict[str, dict[str, float]]]:
-    """Fit on the train split, select the best epoch on validation, test it. Returns val/test result tables."""
+def train(cfg: DictConfig, run_dir: Path, run_name: str = "run") -> dict[str, Any]:
+    """Fit on the train split, select the best epoch on validation, test it.
+
+    Returns (and writes to `run_dir/results.json`) the val and test tables, the chance level and the checkpoint.
+    """
     validate_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     ensure_demo_assets(cfg)
 
-    module = TBPSLitModule(cfg)
-    tokenizer = CaptionTokenizer.from_pretrained(
-        cfg.tokenizer.pretrained_model_name_or_path,
-        cfg.tokenizer.model_max_length,
-        return_attention_mask=cfg.tokenizer.use_attention_mask,
+    datamodule = build_datamodule(cfg)
+    tokenizer = datamodule.tokenizer
+    module = TBPSLitModule(
+        cfg,
+        num_classes=datamodule.num_train_ids,
+        text_vocab_size=tokenizer.vocab_size if datamodule.mlm_probability else None,
     )
     if tokenizer.vocab_size > module.text_vocab_size:
         raise ConfigError(
             [
-                f"tokenizer {cfg.tokenizer.pretrained_model_name_or_path} has {tokenizer.vocab_size} "
-                f"tokens but the text tower embeds {module.text_vocab_size}; use the tokenizer saved with "
-                "the checkpoint."
+                f"tokenizer {cfg.tokenizer.pretrained_model_name_or_path} has {tokenizer.vocab_size} tokens but the "
+                f"text tower embeds {module.text_vocab_size}; use the tokenizer saved with the checkpoint."
             ]
         )
-    datamodule = TBPSDataModule(cfg, tokenizer, simclr_views=module.objective.needs_ss_views)
-    datamodule.setup()
     test = datamodule.splits.test
-    log.info("chance t2i R1: %.2f%%", chance_t2i_r1(test.caption_pids, test.image_pids))
+    chance = chance_t2i_r1(test.caption_pids, test.image_pids)
+    log.info("chance t2i R1: %.2f%%", chance)
 
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints", filename="{epoch}-{val_score:.2f}", **cfg.logger.checkpoint
@@ -96,7 +99,10 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str = "run") -> dict[str, di
     best = checkpoint.best_model_path or None
     log.info("Testing the checkpoint selected on validation: %s", best or "(final weights)")
     trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
-    return module.eval_results
+    results = {**module.eval_results, "chance_t2i_R1": chance, "best_checkpoint": best}
+    if trainer.is_global_zero:
+        atomic_write_json(run_dir / "results.json", results)
+    return results
 
 
 def run_name_of(config_name: str, overrides: list[str]) -> str:

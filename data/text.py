@@ -49,6 +49,19 @@ class CaptionTokenizer:
     def vocab_size(self) -> int:
         return len(self.tokenizer)
 
+    @property
+    def special_token_ids(self) -> list[int]:
+        return list(self.tokenizer.all_special_ids)
+
+    def add_mask_token(self, token: str = "<mask>") -> int:
+        """Add a mask token for MLM if the tokenizer has none (SentencePiece SigLIP has none); return its id.
+
+        The text tower's token embedding must then grow to `vocab_size` rows.
+        """
+        if self.tokenizer.mask_token is None:
+            self.tokenizer.add_special_tokens({"mask_token": token})
+        return int(self.tokenizer.mask_token_id)
+
     def __call__(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
         """Tokenise a batch: `input_ids` (B, max_length) and, if enabled, `attention_mask` (B, max_length)."""
         encoded = self.tokenizer(
@@ -64,11 +77,12 @@ class CaptionTokenizer:
         return batch
 
 
-def random_deletion(text: str, probability: float, rng: random.Random) -> str:
+def random_deletion(text: str, probability: float, rng: random.Random | None = None) -> str:
     """Drop each word with `probability` (EDA, arXiv 1901.11196); always keep at least one word.
 
     The seed returned a list for one-word captions; this always returns a string.
     """
+    rng = rng or random._inst  # the module's generator, which Lightning seeds in every worker
     words = text.split()
     if probability <= 0 or len(words) <= 1:
         return text

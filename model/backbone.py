@@ -51,6 +51,7 @@ def load_backbone(
     text_config_overrides: Mapping[str, Any] | None = None,
     vision_config_overrides: Mapping[str, Any] | None = None,
     gradient_checkpointing: bool = False,
+    text_vocab_size: int | None = None,
 ) -> PreTrainedModel:
     """Load a dual-encoder backbone (`SiglipModel`) from a local directory.
 
@@ -61,6 +62,7 @@ def load_backbone(
         vision_config_overrides: Same for `config.vision_config`.
         gradient_checkpointing: Recompute activations in the backward pass (non-reentrant, so frozen inputs and
             LoRA adapters inside checkpointed blocks still receive gradients).
+        text_vocab_size: Grow the token embedding to this many rows (a tokenizer with an added MLM mask token).
     """
     path = check_model_dir(path)
     config = AutoConfig.from_pretrained(path)
@@ -73,7 +75,12 @@ def load_backbone(
                 raise ValueError(f"{type(sub_config).__name__} has no field {key!r} (override from backbone config).")
             setattr(sub_config, key, value)
     model = AutoModel.from_pretrained(path, config=config)
-    if image_size is not None:
+    if text_vocab_size is not None and text_vocab_size != config.text_config.vocab_size:
+        if text_vocab_size < config.text_config.vocab_size:
+            raise ValueError(f"text_vocab_size={text_vocab_size} is smaller than the checkpoint's vocabulary.")
+        model.resize_token_embeddings(text_vocab_size)
+        config.text_config.vocab_size = text_vocab_size
+    if image_size is not None and not has_class_token(model):
         resize_image_positions(model, tuple(image_size))
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -84,13 +91,24 @@ def patch_size_of(model: PreTrainedModel) -> int:
     return int(model.config.vision_config.patch_size)
 
 
-def resize_image_positions(model: PreTrainedModel, image_size: tuple[int, int]) -> None:
-    """Interpolate the square vision position grid to `image_size // patch_size` (bicubic, as HF does per call).
+def has_class_token(model: PreTrainedModel) -> bool:
+    """CLIP prepends a class token; SigLIP does not."""
+    return hasattr(model.vision_model.embeddings, "class_embedding")
 
-    Raises:
-        ValueError: when the size is not a multiple of the patch size.
+
+def needs_per_call_interpolation(model: PreTrainedModel, image_size: tuple[int, int]) -> bool:
+    """Whether the vision tower must interpolate positions on every call (`interpolate_pos_encoding=True`).
+
+    SigLIP's grid is resized once by `load_backbone`. CLIP's vision embedding rejects any input whose height or
+    width differs from its square `image_size`, so for CLIP at another size the grid is interpolated per call (HF's
+    own path, which handles rectangles).
     """
-    embeddings = model.vision_model.embeddings
+    check_image_size(model, image_size)
+    native = int(model.config.vision_config.image_size)
+    return has_class_token(model) and tuple(image_size) != (native, native)
+
+
+def check_image_size(model: PreTrainedModel, image_size: tuple[int, int]) -> None:
     patch = patch_size_of(model)
     height, width = image_size
     if height % patch or width % patch:
@@ -98,6 +116,20 @@ def resize_image_positions(model: PreTrainedModel, image_size: tuple[int, int]) 
             f"Image size {height}x{width} is not divisible by the patch size {patch}; "
             f"set img_size_str to multiples of {patch}, e.g. '({height // patch * patch},{width // patch * patch})'."
         )
+
+
+def resize_image_positions(model: PreTrainedModel, image_size: tuple[int, int]) -> None:
+    """Interpolate the square vision position grid to `image_size // patch_size` (bicubic, as HF does per call).
+
+    For SigLIP, which has no class token (CLIP is interpolated per call, see `needs_per_call_interpolation`).
+
+    Raises:
+        ValueError: when the size is not a multiple of the patch size.
+    """
+    embeddings = model.vision_model.embeddings
+    check_image_size(model, image_size)
+    height, width = image_size
+    patch = patch_size_of(model)
     grid_h, grid_w = height // patch, width // patch
     weight = embeddings.position_embedding.weight
     num_positions, dim = weight.shape

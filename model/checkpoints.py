@@ -1,4 +1,4 @@
-"""Write model directories in the Hugging Face layout: the tiny offline SigLIP used by the demo and the tests.
+"""Write model directories in the Hugging Face layout: the tiny offline SigLIP (or CLIP) of the demo and tests.
 
 The tiny checkpoint has exactly the files of `google/siglip-base-patch16-256-multilingual` that this project reads
 (`config.json`, `model.safetensors`, `spiece.model`, `tokenizer_config.json`, `special_tokens_map.json`,
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 import torch
-from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipTokenizer
+from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 class TinySiglipSpec:
     """Shape of the offline demo backbone (both towers)."""
 
+    architecture: str = "siglip"  # "siglip" (SiglipModel) or "clip" (CLIPModel, for the softmax code path)
     hidden_size: int = 128
     intermediate_size: int = 256
     num_layers: int = 3
@@ -93,22 +94,27 @@ def write_tiny_checkpoint(
             num_hidden_layers=spec.num_layers,
             num_attention_heads=spec.num_heads,
         )
-        config = SiglipConfig(
-            text_config=dict(
-                tower,
-                vocab_size=len(tokenizer),
-                max_position_embeddings=spec.max_length,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                bos_token_id=tokenizer.eos_token_id,
-            ),
-            vision_config=dict(tower, image_size=spec.image_size, patch_size=spec.patch_size),
+        text_config = dict(
+            tower,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=spec.max_length,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,  # CLIP pools the first end-of-sentence token
+            bos_token_id=tokenizer.eos_token_id,
         )
+        vision_config = dict(tower, image_size=spec.image_size, patch_size=spec.patch_size)
         torch.manual_seed(spec.seed)
-        model = SiglipModel(config)
+        if spec.architecture == "siglip":
+            model = SiglipModel(SiglipConfig(text_config=text_config, vision_config=vision_config))
+        elif spec.architecture == "clip":
+            config = CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=spec.hidden_size)
+            model = CLIPModel(config)
+        else:
+            raise ValueError(f"Unknown tiny architecture {spec.architecture!r}; valid: ['clip', 'siglip'].")
         with torch.no_grad():
             model.logit_scale.fill_(math.log(spec.logit_scale_init))
-            model.logit_bias.fill_(spec.logit_bias_init)
+            if hasattr(model, "logit_bias"):
+                model.logit_bias.fill_(spec.logit_bias_init)
         model.save_pretrained(staging)
         SiglipImageProcessor(
             size={"height": spec.image_size, "width": spec.image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
@@ -117,5 +123,7 @@ def write_tiny_checkpoint(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    log.info("Wrote tiny SigLIP (%d params, vocab %d) to %s", model.num_parameters(), len(tokenizer), out_dir)
+    log.info(
+        "Wrote tiny %s (%d params, vocab %d) to %s", spec.architecture, model.num_parameters(), len(tokenizer), out_dir
+    )
     return out_dir

@@ -1,8 +1,19 @@
 """Which losses a training step adds up: the loss settings, the strategy table and the objective built from them.
 
-A *strategy* decides the main contrastive terms (`loss.strategy`); *auxiliary terms* (SimCLR, C-ITC, R-ITC) are
-switched on by the seed's upper-case flags and are added in every strategy. Both are looked up in a table once,
-when the objective is built, so the training step never branches on names.
+A *strategy* (`loss.strategy`) decides the main contrastive terms; SEED_SPEC 2.15 gives the combinations:
+
+| strategy          | terms                                                                  |
+| ----------------- | ---------------------------------------------------------------------- |
+| `baseline`        | N-ITC                                                                  |
+| `auxiliary`       | N-ITC + in-modal Circle on image and on text features (averaged)       |
+| `intrinsic`       | NC-ITC: N-ITC whose logits are circle-reweighted (replaces N-ITC)      |
+| `circle_only`     | cross-modal Circle (replaces N-ITC, weighted by `nitc_loss_weight`)    |
+| `auxiliary_cross` | N-ITC + cross-modal Circle                                             |
+
+Multi-view supervision (`MVS`) averages every cross-modal term over the original and the augmented image view.
+*Auxiliary terms* (SimCLR, C-ITC, R-ITC, ITC, SDM, CMPM, ID, MLM) are switched on by the seed's upper-case flags
+and added in every strategy. Both tables are looked up once, when the objective is built, so the training step
+never branches on names.
 """
 
 from __future__ import annotations
@@ -12,15 +23,25 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from model.objectives import (
+    cmpm_loss,
     cosine_similarity,
+    cross_modal_circle_loss,
     cyclic_itc_loss,
+    id_loss,
     identity_mask,
+    in_modal_circle_loss,
+    intrinsic_nitc_loss,
+    itc_loss,
+    mlm_loss,
     reverse_itc_loss,
+    sdm_loss,
     sigmoid_nitc_loss,
     simclr_loss,
+    softmax_nitc_loss,
 )
 
 
@@ -29,10 +50,22 @@ class LossSettings:
     """The `loss` config group. Field names are the seed's, so its YAML files and command lines keep working."""
 
     strategy: str = "baseline"
+    # N-ITC: image-text matching with person-id targets (sigmoid for SigLIP, softmax for CLIP backbones).
     NITC: bool = True
     nitc_loss_weight: float = 1.0
-    MVS: bool = True  # multi-view supervision: N-ITC is also computed on a second augmented view and averaged
-    softlabel_ratio: float = 0.0
+    MVS: bool = True  # multi-view supervision: cross-modal terms are also computed on a second augmented view
+    nitc_mvs_mode: str = "augmented"  # "seed": the seed's no-op MVS for N-ITC (its published numbers used it)
+    softlabel_ratio: float = 0.0  # alpha of TBPS-CLIP soft targets, ramped from 0 over the first epoch
+    # Circle Loss (arXiv 2002.10857).
+    CIR: bool = False
+    circle_loss_weight: float = 0.1
+    circle_margin: float = 0.25
+    circle_gamma: float = 64.0
+    circle_reduction: str = "global"  # "global": the seed's batch-pooled form; "per_anchor": the paper's
+    circle_start_epoch: int = 0  # curriculum (TBPS-mSigLIP-CLoRA): weight 0 before this epoch,
+    circle_ramp_epochs: int = 0  # then a linear ramp to circle_loss_weight over this many epochs
+    intrinsic_normalization: str = "row"  # NC-ITC: "row" (1/B like N-ITC) or "pairs" (the seed's 1/B^2)
+    # Auxiliary terms.
     SS: bool = False  # SimCLR on two strong views of each image
     ss_loss_weight: float = 0.4
     simclr_temperature: float = 0.1
@@ -43,6 +76,18 @@ class LossSettings:
     RITC: bool = False
     ritc_loss_weight: float = 1.0
     ritc_eps: float = 0.01
+    ITC: bool = False
+    itc_loss_weight: float = 1.0
+    SDM: bool = False
+    sdm_loss_weight: float = 1.0
+    CMPM: bool = False
+    cmpm_loss_weight: float = 1.0
+    ID: bool = False
+    id_loss_weight: float = 1.0
+    MLM: bool = False
+    mlm_loss_weight: float = 1.0
+    mlm_probability: float = 0.15
+    cmt_depth: int = 4  # layers of the MLM cross-modal transformer
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> LossSettings:
@@ -53,27 +98,63 @@ class LossSettings:
             raise ValueError(f"Unknown loss setting(s) {unknown}; valid keys: {sorted(valid)}.")
         return cls(**dict(values))
 
-    def problems(self) -> list[str]:
+    def problems(self, *, use_sigmoid: bool = True) -> list[str]:
         """Every inconsistency in the settings (empty when valid)."""
         issues = []
         if self.strategy not in STRATEGIES:
             issues.append(f"loss.strategy={self.strategy!r} is unknown; valid strategies: {sorted(STRATEGIES)}.")
+        elif self.strategy == "intrinsic" and not use_sigmoid:
+            issues.append("loss.strategy=intrinsic re-weights the sigmoid N-ITC: it needs a SigLIP backbone.")
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if field.name.endswith("_weight") and value < 0:
                 issues.append(f"loss.{field.name} must be >= 0, got {value}.")
-        if self.softlabel_ratio != 0:
-            issues.append("loss.softlabel_ratio must be 0.0: soft N-ITC targets are not available yet.")
-        if self.simclr_temperature <= 0:
-            issues.append(f"loss.simclr_temperature must be > 0, got {self.simclr_temperature}.")
+        choices = {
+            "nitc_mvs_mode": ("augmented", "seed"),
+            "circle_reduction": ("global", "per_anchor"),
+            "intrinsic_normalization": ("row", "pairs"),
+        }
+        for key, valid in choices.items():
+            if getattr(self, key) not in valid:
+                issues.append(f"loss.{key}={getattr(self, key)!r} is unknown; valid: {list(valid)}.")
+        if not 0 <= self.softlabel_ratio <= 1:
+            issues.append(f"loss.softlabel_ratio must be in [0, 1], got {self.softlabel_ratio}.")
+        if not 0 < self.mlm_probability < 1:
+            issues.append(f"loss.mlm_probability must be in (0, 1), got {self.mlm_probability}.")
+        for key in ("simclr_temperature", "circle_gamma"):
+            if getattr(self, key) <= 0:
+                issues.append(f"loss.{key} must be > 0, got {getattr(self, key)}.")
+        if self.circle_start_epoch < 0 or self.circle_ramp_epochs < 0:
+            issues.append("loss.circle_start_epoch and loss.circle_ramp_epochs must be >= 0.")
+        matching = ("NITC", "CIR", "ITC", "SDM", "CMPM", "RITC")
+        nitc_based = self.strategy in ("baseline", "auxiliary", "auxiliary_cross")
+        if nitc_based and not any(getattr(self, flag) for flag in matching):
+            issues.append(
+                f"loss.strategy={self.strategy} trains no image-text matching loss; enable one of {matching}."
+            )
         return issues
+
+    def circle_weight(self, epoch: float) -> float:
+        """Circle weight at a (fractional) epoch under the curriculum: 0, then a linear ramp, then constant."""
+        completed = int(epoch)
+        if completed < self.circle_start_epoch:
+            return 0.0
+        if self.circle_ramp_epochs == 0:
+            return self.circle_loss_weight
+        ramp = min((completed - self.circle_start_epoch + 1) / self.circle_ramp_epochs, 1.0)
+        return self.circle_loss_weight * ramp
+
+    def softlabel_alpha(self, epoch: float) -> float:
+        """Soft-target mixing ratio, ramped linearly over the first epoch (TBPS-CLIP)."""
+        return self.softlabel_ratio * min(epoch, 1.0)
 
 
 @dataclass(frozen=True)
 class TrainFeatures:
-    """What one forward pass of the training batch produces, all features L2-normalised.
+    """What one forward pass of the training batch produces; image/text features are L2-normalised.
 
-    Shapes: image_feats, text_feats, aug_image_feats, ss_feats_*: (B, D); pids: (B,); logit_scale, logit_bias: ().
+    Shapes: image_feats, text_feats, aug_image_feats, ss_feats_*: (B, D); pids: (B,); logit_scale, logit_bias: ();
+    id_logits_*: (B, num_classes); mlm_logits: (B, L, vocab); mlm_labels: (B, L).
     """
 
     image_feats: Tensor
@@ -84,6 +165,20 @@ class TrainFeatures:
     aug_image_feats: Tensor | None = None
     ss_feats_a: Tensor | None = None
     ss_feats_b: Tensor | None = None
+    id_logits_image: Tensor | None = None
+    id_logits_text: Tensor | None = None
+    mlm_logits: Tensor | None = None
+    mlm_labels: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Where training is: `epoch` counts completed epochs fractionally (global step / steps per epoch)."""
+
+    epoch: float = 0.0
+
+
+Term = Callable[[TrainFeatures, LossSettings, StepContext], dict[str, Tensor]]
 
 
 def _views(feats: TrainFeatures, settings: LossSettings) -> list[Tensor]:
@@ -91,69 +186,171 @@ def _views(feats: TrainFeatures, settings: LossSettings) -> list[Tensor]:
     return [feats.image_feats, feats.aug_image_feats] if settings.MVS else [feats.image_feats]
 
 
-def _nitc_terms(feats: TrainFeatures, settings: LossSettings) -> dict[str, Tensor]:
-    if not settings.NITC:
-        return {}
+def _mean_over_views(loss_of_view: Callable[[Tensor], Tensor], views: list[Tensor]) -> Tensor:
+    return sum(loss_of_view(image) for image in views) / len(views)
+
+
+def _nitc(feats: TrainFeatures, settings: LossSettings, context: StepContext, *, use_sigmoid: bool) -> Tensor:
     pos_mask = identity_mask(feats.pids, feats.pids)
     views = _views(feats, settings)
-    loss = sum(
-        sigmoid_nitc_loss(
+    if settings.MVS and settings.nitc_mvs_mode == "seed":
+        views = [feats.image_feats, feats.image_feats]  # the seed fed the original view twice (SEED_SPEC 2.3)
+    alpha = settings.softlabel_alpha(context.epoch)
+
+    def loss_of_view(image: Tensor) -> Tensor:
+        sim = cosine_similarity(feats.text_feats, image)
+        if use_sigmoid:
+            soft = None
+            if alpha > 0:  # teacher = the same pairs' current predictions, without gradient (TBPS-CLIP)
+                teacher = torch.sigmoid(feats.logit_scale * sim.detach() + feats.logit_bias.detach())
+                soft = alpha * teacher + (1 - alpha) * pos_mask.float()
+            return sigmoid_nitc_loss(
+                sim, pos_mask, logit_scale=feats.logit_scale, logit_bias=feats.logit_bias, soft_targets=soft
+            )
+        soft_t2i = soft_i2t = None
+        if alpha > 0:
+            logits = feats.logit_scale * sim.detach()
+            targets = pos_mask.float()
+            soft_t2i = alpha * logits.softmax(1) + (1 - alpha) * targets / targets.sum(1, keepdim=True)
+            soft_i2t = alpha * logits.T.softmax(1) + (1 - alpha) * targets.T / targets.T.sum(1, keepdim=True)
+        return softmax_nitc_loss(
+            sim, pos_mask, logit_scale=feats.logit_scale, soft_targets_t2i=soft_t2i, soft_targets_i2t=soft_i2t
+        )
+
+    return _mean_over_views(loss_of_view, views)
+
+
+def _cross_circle(feats: TrainFeatures, settings: LossSettings) -> Tensor:
+    return _mean_over_views(
+        lambda image: cross_modal_circle_loss(
+            image,
+            feats.text_feats,
+            feats.pids,
+            margin=settings.circle_margin,
+            gamma=settings.circle_gamma,
+            reduction=settings.circle_reduction,
+        ),
+        _views(feats, settings),
+    )
+
+
+def _in_modal_circle(feats: TrainFeatures, settings: LossSettings) -> Tensor:
+    kwargs = dict(margin=settings.circle_margin, gamma=settings.circle_gamma, reduction=settings.circle_reduction)
+    return (
+        in_modal_circle_loss(feats.image_feats, feats.pids, **kwargs)
+        + in_modal_circle_loss(feats.text_feats, feats.pids, **kwargs)
+    ) / 2
+
+
+def _with_nitc(circle: Callable[[TrainFeatures, LossSettings], Tensor] | None) -> Callable[..., dict[str, Tensor]]:
+    """N-ITC (if `NITC`) plus an auxiliary circle term (if `CIR`) weighted by the curriculum."""
+
+    def strategy(feats: TrainFeatures, settings: LossSettings, context: StepContext, *, use_sigmoid: bool):
+        terms = {}
+        if settings.NITC:
+            terms["nitc_loss"] = settings.nitc_loss_weight * _nitc(feats, settings, context, use_sigmoid=use_sigmoid)
+        if circle is not None and settings.CIR:
+            terms["circle_loss"] = settings.circle_weight(context.epoch) * circle(feats, settings)
+        return terms
+
+    return strategy
+
+
+def _intrinsic(feats: TrainFeatures, settings: LossSettings, context: StepContext, *, use_sigmoid: bool):
+    pos_mask = identity_mask(feats.pids, feats.pids)
+    loss = _mean_over_views(
+        lambda image: intrinsic_nitc_loss(
             cosine_similarity(feats.text_feats, image),
             pos_mask,
-            logit_scale=feats.logit_scale,
-            logit_bias=feats.logit_bias,
-        )
-        for image in views
-    ) / len(views)
+            margin=settings.circle_margin,
+            gamma=settings.circle_gamma,
+            normalization=settings.intrinsic_normalization,
+        ),
+        _views(feats, settings),
+    )
     return {"nitc_loss": settings.nitc_loss_weight * loss}
 
 
-Strategy = Callable[[TrainFeatures, LossSettings], dict[str, Tensor]]
+def _circle_only(feats: TrainFeatures, settings: LossSettings, context: StepContext, *, use_sigmoid: bool):
+    # Replaces N-ITC, so it takes N-ITC's weight (the seed stored it under nitc_loss; it is logged as what it is).
+    return {"circle_loss": settings.nitc_loss_weight * _cross_circle(feats, settings)}
 
-#: loss.strategy -> the main contrastive terms.
-STRATEGIES: dict[str, Strategy] = {
-    "baseline": _nitc_terms,
+
+#: loss.strategy -> the main matching terms.
+STRATEGIES: dict[str, Callable[..., dict[str, Tensor]]] = {
+    "baseline": _with_nitc(None),
+    "auxiliary": _with_nitc(_in_modal_circle),
+    "intrinsic": _intrinsic,
+    "circle_only": _circle_only,
+    "auxiliary_cross": _with_nitc(_cross_circle),
 }
 
 
-def _ss_term(feats: TrainFeatures, settings: LossSettings) -> Tensor:
-    return settings.ss_loss_weight * simclr_loss(
-        feats.ss_feats_a, feats.ss_feats_b, temperature=settings.simclr_temperature
-    )
+def _t2i(feats: TrainFeatures) -> tuple[Tensor, Tensor]:
+    return cosine_similarity(feats.text_feats, feats.image_feats), identity_mask(feats.pids, feats.pids)
 
 
-def _citc_term(feats: TrainFeatures, settings: LossSettings) -> Tensor:
-    return settings.citc_loss_weight * cyclic_itc_loss(
+def _ss(feats: TrainFeatures, s: LossSettings) -> Tensor:
+    return simclr_loss(feats.ss_feats_a, feats.ss_feats_b, temperature=s.simclr_temperature)
+
+
+def _citc(feats: TrainFeatures, s: LossSettings) -> Tensor:
+    return cyclic_itc_loss(
         feats.image_feats,
         feats.text_feats,
-        inmodal_weight=settings.citc_inmodal_weight,
-        intermodal_weight=settings.citc_intermodal_weight,
+        inmodal_weight=s.citc_inmodal_weight,
+        intermodal_weight=s.citc_intermodal_weight,
     )
 
 
-def _ritc_term(feats: TrainFeatures, settings: LossSettings) -> Tensor:
-    sim = cosine_similarity(feats.text_feats, feats.image_feats)
-    return settings.ritc_loss_weight * reverse_itc_loss(
-        sim, identity_mask(feats.pids, feats.pids), logit_scale=feats.logit_scale, eps=settings.ritc_eps
-    )
+def _ritc(feats: TrainFeatures, s: LossSettings) -> Tensor:
+    sim, pos_mask = _t2i(feats)
+    return reverse_itc_loss(sim, pos_mask, logit_scale=feats.logit_scale, eps=s.ritc_eps)
 
 
-#: Upper-case flag -> (log key, term). Added in every strategy when the flag is on.
-AUXILIARY_TERMS: dict[str, tuple[str, Callable[[TrainFeatures, LossSettings], Tensor]]] = {
-    "SS": ("ss_loss", _ss_term),
-    "CITC": ("citc_loss", _citc_term),
-    "RITC": ("ritc_loss", _ritc_term),
+def _itc(feats: TrainFeatures, s: LossSettings) -> Tensor:
+    return itc_loss(_t2i(feats)[0], logit_scale=feats.logit_scale)
+
+
+def _sdm(feats: TrainFeatures, s: LossSettings) -> Tensor:
+    sim, pos_mask = _t2i(feats)
+    return sdm_loss(sim, pos_mask, logit_scale=feats.logit_scale)
+
+
+def _cmpm(feats: TrainFeatures, s: LossSettings) -> Tensor:
+    return cmpm_loss(feats.image_feats, feats.text_feats, feats.pids)
+
+
+def _id(feats: TrainFeatures, s: LossSettings) -> Tensor:
+    return id_loss(feats.id_logits_image, feats.id_logits_text, feats.pids)
+
+
+def _mlm(feats: TrainFeatures, s: LossSettings) -> Tensor:
+    return mlm_loss(feats.mlm_logits, feats.mlm_labels)[0]
+
+
+#: Upper-case flag -> (log key, weight field, unweighted term). Added in every strategy when the flag is on.
+AUXILIARY_TERMS: dict[str, tuple[str, str, Callable[[TrainFeatures, LossSettings], Tensor]]] = {
+    "SS": ("ss_loss", "ss_loss_weight", _ss),
+    "CITC": ("citc_loss", "citc_loss_weight", _citc),
+    "RITC": ("ritc_loss", "ritc_loss_weight", _ritc),
+    "ITC": ("itc_loss", "itc_loss_weight", _itc),
+    "SDM": ("sdm_loss", "sdm_loss_weight", _sdm),
+    "CMPM": ("cmpm_loss", "cmpm_loss_weight", _cmpm),
+    "ID": ("id_loss", "id_loss_weight", _id),
+    "MLM": ("mlm_loss", "mlm_loss_weight", _mlm),
 }
 
 
 class Objective:
-    """Callable `TrainFeatures -> {"<name>_loss": weighted term}` for one `LossSettings`."""
+    """Callable `(TrainFeatures, StepContext) -> {"<name>_loss": weighted term}` for one `LossSettings`."""
 
-    def __init__(self, settings: LossSettings):
-        problems = settings.problems()
+    def __init__(self, settings: LossSettings, *, use_sigmoid: bool = True):
+        problems = settings.problems(use_sigmoid=use_sigmoid)
         if problems:
             raise ValueError("Invalid loss settings:\n  " + "\n  ".join(problems))
         self.settings = settings
+        self.use_sigmoid = use_sigmoid
         self._strategy = STRATEGIES[settings.strategy]
         self._auxiliary = [entry for flag, entry in AUXILIARY_TERMS.items() if getattr(settings, flag)]
 
@@ -165,8 +362,8 @@ class Objective:
     def needs_ss_views(self) -> bool:
         return self.settings.SS
 
-    def __call__(self, feats: TrainFeatures) -> dict[str, Tensor]:
-        terms = self._strategy(feats, self.settings)
-        for name, term in self._auxiliary:
-            terms[name] = term(feats, self.settings)
+    def __call__(self, feats: TrainFeatures, context: StepContext = StepContext()) -> dict[str, Tensor]:
+        terms = self._strategy(feats, self.settings, context, use_sigmoid=self.use_sigmoid)
+        for name, weight_field, term in self._auxiliary:
+            terms[name] = getattr(self.settings, weight_field) * term(feats, self.settings)
         return terms

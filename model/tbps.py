@@ -1,4 +1,4 @@
-"""The TBPS module: a SigLIP dual encoder plus the heads some losses need.
+"""The TBPS module: a dual encoder (SigLIP, or CLIP) plus the heads some losses need.
 
 `encode_image` / `encode_text` give L2-normalised pooled embeddings (evaluation and search use these). `forward`
 encodes a training batch into `TrainFeatures`; which losses are then computed is the objective's business
@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
+from model.heads import CrossModalMLMHead, IdentityClassifier
 from model.strategies import TrainFeatures
 
 #: exp(logit_scale) is capped here (the seed's clamp value); clamping the log keeps the gradient honest.
@@ -26,36 +28,52 @@ def pooled(output) -> Tensor:
     return getattr(output, "pooler_output", output)
 
 
+@dataclass(frozen=True)
+class Heads:
+    """Optional heads: SimCLR projection, identity classifier (`num_classes`), MLM cross-former (`mlm_depth`)."""
+
+    simclr: bool = False
+    num_classes: int | None = None
+    mlm_depth: int | None = None
+
+
 class TBPS(nn.Module):
-    """Dual-encoder person search model around a Hugging Face `SiglipModel`."""
+    """Dual-encoder person search model around a Hugging Face `SiglipModel` or `CLIPModel`."""
 
     def __init__(
         self,
         backbone: PreTrainedModel,
+        heads: Heads = Heads(),
         *,
-        simclr_head: bool = False,
         freeze_vision: bool = False,
         freeze_text: bool = False,
+        interpolate_pos_encoding: bool = False,
     ):
         """
         Args:
-            backbone: A `SiglipModel` (loaded by `model.backbone.load_backbone`).
-            simclr_head: Add the 2-layer MLP that SimCLR self-supervision projects image features with.
+            backbone: A dual encoder loaded by `model.backbone.load_backbone`.
+            heads: Which optional heads to build.
             freeze_vision: Keep the vision tower's weights fixed.
             freeze_text: Keep the text tower's weights fixed.
+            interpolate_pos_encoding: Interpolate vision positions on every call (CLIP at a non-native size).
         """
         super().__init__()
         self.backbone = backbone
-        self.embed_dim = int(backbone.config.text_config.hidden_size)
+        self.interpolate_pos_encoding = interpolate_pos_encoding
+        text_width = int(backbone.config.text_config.hidden_size)
+        self.embed_dim = int(getattr(backbone.config, "projection_dim", None) or text_width)
         for tower, frozen in ((backbone.vision_model, freeze_vision), (backbone.text_model, freeze_text)):
             tower.requires_grad_(not frozen)
-        self.simclr_mlp = (
-            nn.Sequential(
-                nn.Linear(self.embed_dim, self.embed_dim), nn.ReLU(), nn.Linear(self.embed_dim, self.embed_dim)
-            )
-            if simclr_head
-            else None
-        )
+        dim = self.embed_dim
+        self.simclr_mlp = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim)) if heads.simclr else None
+        self.classifier = IdentityClassifier(dim, heads.num_classes) if heads.num_classes else None
+        self.mlm_head = None
+        if heads.mlm_depth:
+            if int(backbone.config.vision_config.hidden_size) != text_width:
+                raise ValueError("The MLM head needs vision and text towers of the same width.")
+            num_heads = int(backbone.config.text_config.num_attention_heads)
+            vocab = int(backbone.config.text_config.vocab_size)
+            self.mlm_head = CrossModalMLMHead(text_width, vocab, num_heads=num_heads, depth=heads.mlm_depth)
 
     @property
     def logit_scale(self) -> Tensor:
@@ -64,14 +82,21 @@ class TBPS(nn.Module):
 
     @property
     def logit_bias(self) -> Tensor:
-        return self.backbone.logit_bias.squeeze()
+        """SigLIP's learnable bias; CLIP has none (0)."""
+        bias = getattr(self.backbone, "logit_bias", None)
+        return bias.squeeze() if bias is not None else self.backbone.logit_scale.new_zeros(())
 
     def image_embeddings(self, pixel_values: Tensor) -> Tensor:
         """Pooled, unnormalised vision embeddings (B, D)."""
-        return pooled(self.backbone.get_image_features(pixel_values=pixel_values))
+        return pooled(self._vision(pixel_values))
+
+    def _vision(self, pixel_values: Tensor):
+        return self.backbone.get_image_features(
+            pixel_values=pixel_values, interpolate_pos_encoding=self.interpolate_pos_encoding
+        )
 
     def text_embeddings(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Pooled, unnormalised text embeddings (B, D) (last position through the text head)."""
+        """Pooled, unnormalised text embeddings (B, D)."""
         return pooled(self.backbone.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
 
     def encode_image(self, pixel_values: Tensor) -> Tensor:
@@ -87,7 +112,7 @@ class TBPS(nn.Module):
 
         Args:
             batch: `images`, `caption_input_ids`, `pids`, optionally `caption_attention_mask`, `aug_images`,
-                `ss_images1`, `ss_images2` (all (B, ...)).
+                `ss_images1`, `ss_images2`, and with the MLM head `mlm_input_ids`, `mlm_labels` (all (B, ...)).
             aug_view: Also encode `aug_images` (multi-view supervision).
             ss_views: Also encode the two SimCLR views through the SimCLR head.
         """
@@ -96,15 +121,22 @@ class TBPS(nn.Module):
         extra_views = [batch["aug_images"]] if aug_view else []
         if ss_views:
             if self.simclr_mlp is None:
-                raise RuntimeError("SimCLR views requested but the model was built without simclr_head=True.")
+                raise RuntimeError("SimCLR views requested but the model was built without the SimCLR head.")
             extra_views += [batch["ss_images1"], batch["ss_images2"]]
-        # One vision pass over every view: fewer kernel launches, and the same normalisation statistics.
-        vision = self.image_embeddings(torch.cat([pixel_values, *extra_views]) if extra_views else pixel_values)
-        views = list(vision.split(batch_size))
+        # One vision pass over every view: fewer kernel launches for the same activations.
+        vision = self._vision(torch.cat([pixel_values, *extra_views]) if extra_views else pixel_values)
+        views = list(pooled(vision).split(batch_size))
         image = views.pop(0)
         aug = views.pop(0) if aug_view else None
         ss_a, ss_b = (self.simclr_mlp(views[0]), self.simclr_mlp(views[1])) if ss_views else (None, None)
         text = self.text_embeddings(batch["caption_input_ids"], batch.get("caption_attention_mask"))
+
+        mlm_logits = None
+        if self.mlm_head is not None:
+            masked = self.backbone.text_model(
+                input_ids=batch["mlm_input_ids"], attention_mask=batch.get("mlm_attention_mask")
+            )
+            mlm_logits = self.mlm_head(masked.last_hidden_state, vision.last_hidden_state[:batch_size])
         return TrainFeatures(
             image_feats=F.normalize(image, dim=-1),
             text_feats=F.normalize(text, dim=-1),
@@ -114,4 +146,9 @@ class TBPS(nn.Module):
             aug_image_feats=F.normalize(aug, dim=-1) if aug is not None else None,
             ss_feats_a=ss_a,
             ss_feats_b=ss_b,
+            # IRRA classifies the unnormalised embeddings.
+            id_logits_image=self.classifier(image) if self.classifier is not None else None,
+            id_logits_text=self.classifier(text) if self.classifier is not None else None,
+            mlm_logits=mlm_logits,
+            mlm_labels=batch.get("mlm_labels") if self.mlm_head is not None else None,
         )

@@ -47,6 +47,24 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_clip_checkpoint(tmp_path_factory) -> Path:
+    from model.checkpoints import TinySiglipSpec, write_tiny_checkpoint
+
+    spec = TinySiglipSpec(
+        architecture="clip",
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=1,
+        num_heads=2,
+        image_size=32,
+        patch_size=8,
+        vocab_size=200,
+        max_length=16,
+    )
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny_clip", CAPTIONS, spec)
+
+
+@pytest.fixture(scope="session")
 def demo_root(tmp_path_factory) -> Path:
     """A small embedded dataset plus a tiny checkpoint trained on its captions, as the demo builds them."""
     from data.synthetic import SyntheticSpec, all_captions, generate_vn3k

@@ -8,7 +8,7 @@ from transformers import AutoModel, AutoTokenizer, SiglipModel
 
 from data.text import CaptionTokenizer, normalize_caption
 from model.backbone import CheckpointError, load_backbone
-from model.tbps import TBPS
+from model.tbps import TBPS, Heads
 
 EXPECTED_FILES = {
     "config.json",
@@ -79,7 +79,7 @@ def test_captions_are_right_padded_so_the_pooled_position_is_end_of_sentence(tin
 
 
 def test_tbps_embeddings_are_normalised_and_forward_encodes_views(tiny_checkpoint):
-    model = TBPS(load_backbone(tiny_checkpoint, image_size=(32, 16)), simclr_head=True)
+    model = TBPS(load_backbone(tiny_checkpoint, image_size=(32, 16)), Heads(simclr=True))
     batch = {
         "images": torch.randn(4, 3, 32, 16),
         "aug_images": torch.randn(4, 3, 32, 16),
@@ -101,3 +101,13 @@ def test_freezing_a_tower(tiny_checkpoint):
     model = TBPS(load_backbone(tiny_checkpoint), freeze_vision=True)
     assert not any(p.requires_grad for p in model.backbone.vision_model.parameters())
     assert all(p.requires_grad for p in model.backbone.text_model.parameters())
+
+
+def test_clip_backbone_interpolates_positions_per_call_at_non_native_sizes(tiny_clip_checkpoint):
+    from model.backbone import needs_per_call_interpolation
+
+    backbone = load_backbone(tiny_clip_checkpoint, image_size=(48, 16))
+    assert needs_per_call_interpolation(backbone, (48, 16)) and not needs_per_call_interpolation(backbone, (32, 32))
+    model = TBPS(backbone, interpolate_pos_encoding=True)
+    assert model.encode_image(torch.randn(2, 3, 48, 16)).shape == (2, 32)
+    assert model.logit_bias.item() == 0.0  # CLIP has no bias

@@ -3,7 +3,7 @@
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import TOP_LEVEL_CONFIGS, compose_config
+from tests.conftest import CONFIG_DIR, TOP_LEVEL_CONFIGS, compose_config
 from trainer import validate_config
 from utils.config import ConfigError, parse_img_size
 
@@ -109,3 +109,37 @@ def test_parse_img_size_rejects_anything_else(text):
 def test_malformed_img_size_str_is_a_config_error():
     with pytest.raises(ConfigError, match="img_size_str"):
         validate_config(compose_config("demo", ["img_size_str='(64,)'"]))
+
+
+SEED_IRRA_COMMAND = [
+    "img_size_str='(256,256)'",
+    "dataset=cuhk_pedes",
+    "dataset.sampler=identity",
+    "dataset.num_instance=1",
+    "loss=irra",
+    "loss.softlabel_ratio=0.0",
+    "trainer.max_epochs=60",
+    "optimizer=irra_no_decay",
+    "optimizer.param_groups.default.lr=1e-5",
+]
+
+
+def test_seed_irra_command_composes_and_validates_with_a_torch_optimizer():
+    cfg = compose_config("m_siglip", SEED_IRRA_COMMAND)
+    assert cfg.loss.MLM and cfg.loss.ID and cfg.optimizer.type == "bitsandbytes.optim.AdamW8bit"
+    validate_config(compose_config("m_siglip", [*SEED_IRRA_COMMAND, "optimizer=irra"]))
+
+
+@pytest.mark.parametrize("loss", sorted(p.stem for p in (CONFIG_DIR / "loss").glob("*.yaml")))
+def test_every_loss_group_validates_on_the_demo(loss):
+    validate_config(compose_config("demo", [f"loss={loss}"]))
+
+
+@pytest.mark.parametrize("strategy", ["baseline", "auxiliary", "intrinsic", "circle_only", "auxiliary_cross"])
+def test_every_strategy_validates_from_the_command_line(strategy):
+    validate_config(compose_config("cir_msiglip", [f"loss.strategy={strategy}", "dataset=vn3k_vi"]))
+
+
+def test_intrinsic_strategy_is_rejected_for_softmax_backbones():
+    with pytest.raises(ConfigError, match="SigLIP backbone"):
+        validate_config(compose_config("clip", ["loss=cir_msiglip", "loss.strategy=intrinsic", "optimizer=tbps_clip"]))

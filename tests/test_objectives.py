@@ -160,5 +160,38 @@ def test_losses_are_finite_float32_scalars_under_low_precision(dtype):
     assert torch.isfinite(text.grad.float()).all() and torch.isfinite(image.grad.float()).all()
 
 
-def test_registry_lists_every_loss():
-    assert set(LOSSES) == {"nitc", "ss", "citc", "ritc"}
+def test_registry_covers_the_seed_loss_menu():
+    seed_menu = {
+        "nitc",
+        "ss",
+        "citc",
+        "ritc",
+        "itc",
+        "sdm",
+        "cmpm",
+        "id",
+        "mlm",
+        "circle_in_modal",
+        "circle_cross_modal",
+        "intrinsic",
+    }
+    assert seed_menu <= set(LOSSES)
+    assert all(callable(fn) and fn.__doc__ and "Shapes" in fn.__doc__ for fn in LOSSES.values())
+
+
+def test_soft_targets_equal_to_the_hard_mask_leave_nitc_unchanged_and_mix_in_probability_space():
+    text, image = _feats()
+    pids = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4])
+    mask = identity_mask(pids, pids)
+    sim = cosine_similarity(text, image)
+    kwargs = dict(logit_scale=torch.tensor(10.0), logit_bias=torch.tensor(-5.0))
+    hard = sigmoid_nitc_loss(sim, mask, **kwargs)
+    torch.testing.assert_close(sigmoid_nitc_loss(sim, mask, soft_targets=mask.float(), **kwargs), hard)
+    targets = torch.full((8, 8), 0.3)
+    expected = 0.0
+    for i in range(8):
+        for j in range(8):
+            logit = 10.0 * sim[i, j].item() - 5.0
+            expected -= 0.3 * _log_sigmoid(logit) + 0.7 * _log_sigmoid(-logit)
+    soft = sigmoid_nitc_loss(sim, mask, soft_targets=targets, **kwargs)
+    assert soft.item() == pytest.approx(expected / 8, rel=1e-5)

@@ -1,5 +1,6 @@
 """End to end: the demo config trains, selects on validation, tests, and beats chance."""
 
+import json
 from pathlib import Path
 
 from data.readers import read_dataset
@@ -10,7 +11,7 @@ from trainer import chance_t2i_r1, train
 def test_fast_dev_run_executes_a_training_and_evaluation_step(demo_root, tmp_path):
     cfg = compose_config("demo", demo_overrides(demo_root, "+trainer.fast_dev_run=true", "dataset.test_batch_size=512"))
     results = train(cfg, tmp_path)
-    assert set(results) == {"val", "test"}
+    assert {"val", "test", "chance_t2i_R1"} <= set(results)
     assert set(results["test"]) == {"t2i", "i2t"}
 
 
@@ -23,6 +24,8 @@ def test_short_demo_run_beats_chance_and_keeps_best_and_last_checkpoints(demo_ro
     names = {p.name for p in Path(tmp_path, "checkpoints").iterdir()}
     assert "last.ckpt" in names and any(name.startswith("epoch=") and "val_score=" in name for name in names)
     assert (tmp_path / "csv").is_dir()
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["test"]["t2i"]["R1"] == results["test"]["t2i"]["R1"]
 
 
 def test_hydra_entry_point_with_offline_wandb(demo_root, tmp_path):
@@ -51,3 +54,15 @@ def test_hydra_entry_point_with_offline_wandb(demo_root, tmp_path):
     assert "chance t2i R1:" in output and "| Task |" in output and "| t2i  |" in output
     assert list((tmp_path / "wandb").glob("offline-run-*"))
     assert (tmp_path / ".hydra" / "config.yaml").is_file()
+
+
+def test_irra_losses_with_mlm_and_id_train_through_the_full_pipeline(demo_root, tmp_path):
+    """loss=irra adds a mask token (the text embedding grows by one row), an ID classifier and the MLM head."""
+    cfg = compose_config(
+        "demo",
+        demo_overrides(
+            demo_root, "loss=irra", "loss.cmt_depth=1", "+trainer.fast_dev_run=true", "dataset.test_batch_size=512"
+        ),
+    )
+    results = train(cfg, tmp_path)
+    assert set(results["test"]) == {"t2i", "i2t"}

@@ -1,13 +1,6 @@
-"""Loss functions of TBPS, as pure functions over precomputed similarities and masks.
-
-Conventions: every feature is L2-normalised before it reaches a loss, `sim` holds cosine similarities with query
-rows and gallery columns, `pos_mask[i, j]` says whether row i and column j show the same person. Losses compute in
-float32 (AMP hands them fp16/bf16 matrices) and return a scalar.
-"""
+"""Image-text contrastive losses: N-ITC (SigLIP sigmoid), C-ITC and R-ITC (conventions in `__init__`)."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +25,9 @@ def identity_mask(pids_a: Tensor, pids_b: Tensor) -> Tensor:
     return pids_a.view(-1, 1) == pids_b.view(1, -1)
 
 
-def sigmoid_nitc_loss(sim: Tensor, pos_mask: Tensor, *, logit_scale: Tensor, logit_bias: Tensor) -> Tensor:
+def sigmoid_nitc_loss(
+    sim: Tensor, pos_mask: Tensor, *, logit_scale: Tensor, logit_bias: Tensor, soft_targets: Tensor | None = None
+) -> Tensor:
     """N-ITC with SigLIP's sigmoid loss and person-id targets (arXiv 2303.15343, TBPS-CLIP arXiv 2308.10045).
 
     Every same-person pair in the batch is a positive, not only the diagonal. With all pids distinct this is exactly
@@ -44,34 +39,21 @@ def sigmoid_nitc_loss(sim: Tensor, pos_mask: Tensor, *, logit_scale: Tensor, log
         pos_mask: Same-person pairs.
         logit_scale: Temperature t = exp(t') (already exponentiated).
         logit_bias: Bias b.
+        soft_targets: Match probabilities in [0, 1] replacing the hard 0/1 targets (TBPS-CLIP soft labels, mixed by
+            the caller in probability space; the seed mixed probabilities with +-1 signs, which is ill-defined).
+            With `soft_targets = pos_mask` the loss is unchanged.
 
     Shapes:
-        sim: (B_t, B_i), pos_mask: (B_t, B_i) bool, logit_scale: () or (1,), logit_bias: () or (1,) -> ()
+        sim: (B_t, B_i), pos_mask: (B_t, B_i) bool, logit_scale: () or (1,), logit_bias: () or (1,),
+        soft_targets: (B_t, B_i) float -> ()
     """
     logits = logit_scale.float() * sim.float() + logit_bias.float()
+    if soft_targets is not None:
+        # -[y log s(l) + (1 - y) log s(-l)] per pair; equals -log s(z l) for y in {0, 1}.
+        per_pair = F.binary_cross_entropy_with_logits(logits, soft_targets.float(), reduction="none")
+        return per_pair.sum(dim=1).mean()
     signs = pos_mask.float() * 2 - 1
     return -F.logsigmoid(signs * logits).sum(dim=1).mean()
-
-
-def simclr_loss(view_a: Tensor, view_b: Tensor, *, temperature: float = 0.1) -> Tensor:
-    """NT-Xent of SimCLR (arXiv 2002.05709) between two augmented views of the same images.
-
-    For anchor `a_i` the positive is `b_i`; negatives are every other `b_j` and every other `a_j`. Averaged over
-    both views as anchors.
-
-    Shapes:
-        view_a: (B, D), view_b: (B, D) -> ()
-    """
-    a, b = F.normalize(view_a.float(), dim=-1), F.normalize(view_b.float(), dim=-1)
-    self_mask = torch.eye(a.shape[0], dtype=torch.bool, device=a.device)
-    min_value = torch.finfo(torch.float32).min
-    targets = torch.arange(a.shape[0], device=a.device)
-    loss = 0.0
-    for anchor, other in ((a, b), (b, a)):
-        cross = anchor @ other.T / temperature  # (B, B): column i is the positive of row i
-        within = (anchor @ anchor.T / temperature).masked_fill(self_mask, min_value)  # (B, B): self excluded
-        loss = loss + F.cross_entropy(torch.cat([cross, within], dim=1), targets)
-    return loss / 2
 
 
 def cyclic_itc_loss(
@@ -112,14 +94,3 @@ def reverse_itc_loss(sim: Tensor, pos_mask: Tensor, *, logit_scale: Tensor, eps:
         log_probs = F.log_softmax(direction_logits, dim=1)
         loss = loss + (log_probs.exp() * (log_probs - log_targets)).sum(dim=1).mean()
     return loss / 2
-
-
-LossFn = Callable[..., Tensor]
-
-#: Every loss of the menu, by the name used in configs and logs.
-LOSSES: dict[str, LossFn] = {
-    "nitc": sigmoid_nitc_loss,
-    "ss": simclr_loss,
-    "citc": cyclic_itc_loss,
-    "ritc": reverse_itc_loss,
-}

@@ -1,0 +1,112 @@
+"""Train every Circle-Loss strategy on the embedded dataset over several seeds; write a mean +- std table.
+
+    uv run python bench/strategies.py                       # 5 strategies x 3 seeds, demo config
+    uv run python bench/strategies.py --epochs 8 --seeds 0  # quicker look
+
+Each run is `trainer.py -cn demo` with the strategy settings of `run_cir_loss.sh` (SEED_SPEC 7.1: N-ITC + MVS +
+C-ITC common to all, SimCLR off, circle weight 0.1, m 0.25; gamma 128 for the cross-modal strategies as in the README
+result). Results: `bench/results/strategies.md` (table) and `bench/results/strategies.json` (every run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from utils.io import atomic_write_json, atomic_write_text  # noqa: E402
+
+# SimCLR is off: its two extra views per image double the CPU cost of every run (the comparison is the same).
+COMMON = ["loss=cir_msiglip", "loss.SS=false", "loss.circle_loss_weight=0.1", "loss.circle_margin=0.25"]
+#: strategy -> overrides (the five modes of the seed's run scripts).
+STRATEGY_OVERRIDES = {
+    "baseline": ["loss.strategy=baseline", "loss.CIR=false"],
+    "auxiliary": ["loss.strategy=auxiliary", "loss.CIR=true", "loss.circle_gamma=64"],
+    "intrinsic": ["loss.strategy=intrinsic", "loss.CIR=false", "loss.circle_gamma=64"],
+    "circle_only": ["loss.strategy=circle_only", "loss.CIR=false", "loss.circle_gamma=128"],
+    "auxiliary_cross": ["loss.strategy=auxiliary_cross", "loss.CIR=true", "loss.circle_gamma=128"],
+}
+COLUMNS = [("t2i", "R1"), ("t2i", "mAP"), ("t2i", "mINP"), ("i2t", "R1"), ("i2t", "mAP"), ("i2t", "mINP")]
+
+
+def run_once(strategy: str, seed: int, epochs: int, out: Path) -> dict:
+    run_dir = out / "runs" / f"{strategy}_seed{seed}"
+    command = [
+        sys.executable,
+        "trainer.py",
+        "-cn",
+        "demo",
+        *COMMON,
+        *STRATEGY_OVERRIDES[strategy],
+        f"seed={seed}",
+        f"trainer.max_epochs={epochs}",
+        "logger=csv",
+        f"hydra.run.dir={run_dir}",
+    ]
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{strategy} seed {seed} failed:\n{done.stderr[-4000:]}")
+    results = json.loads((run_dir / "results.json").read_text())
+    return {
+        "strategy": strategy,
+        "seed": seed,
+        "seconds": time.perf_counter() - start,
+        "test": results["test"],
+        "val": results["val"],
+        "chance_t2i_R1": results["chance_t2i_R1"],
+    }
+
+
+def table(runs: list[dict], epochs: int) -> str:
+    lines = [
+        f"Test split of the embedded dataset, demo config, {epochs} epochs, mean +- std over seeds "
+        f"{sorted({r['seed'] for r in runs})} (chance t2i R1 {runs[0]['chance_t2i_R1']:.2f}).",
+        "",
+        "| strategy | " + " | ".join(f"{task} {metric}" for task, metric in COLUMNS) + " |",
+        "|---" * (len(COLUMNS) + 1) + "|",
+    ]
+    for strategy in STRATEGY_OVERRIDES:
+        mine = [r for r in runs if r["strategy"] == strategy]
+        if not mine:
+            continue
+        cells = []
+        for task, metric in COLUMNS:
+            values = [r["test"][task][metric] for r in mine]
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.mean(values):.2f} +- {spread:.2f}")
+        lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGY_OVERRIDES), choices=list(STRATEGY_OVERRIDES))
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args(argv)
+    runs = []
+    for strategy in args.strategies:
+        for seed in args.seeds:
+            runs.append(run_once(strategy, seed, args.epochs, args.out))
+            print(
+                f"{strategy} seed {seed}: test t2i R1 {runs[-1]['test']['t2i']['R1']:.2f} "
+                f"({runs[-1]['seconds']:.0f} s)",
+                flush=True,
+            )
+            atomic_write_json(args.out / "strategies.json", runs)
+    report = table(runs, args.epochs)
+    atomic_write_text(args.out / "strategies.md", report)
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
