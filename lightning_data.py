@@ -109,11 +109,15 @@ class TBPSDataModule(L.LightningDataModule):
         self.splits: DatasetSplits | None = None
 
     def setup(self, stage: str | None = None) -> None:
+        """Read the dataset; `stage="test"` (evaluating a checkpoint) needs only the test records."""
         if self.splits is not None:
             return
-        splits = read_dataset(self.cfg.dataset.dataset_name, Path(self.cfg.dataset_root_dir))
+        evaluate_only = stage == "test"
+        splits = read_dataset(
+            self.cfg.dataset.dataset_name, Path(self.cfg.dataset_root_dir), require_train=not evaluate_only
+        )
         val_identities = self.cfg.dataset.get("val_identities", 0)
-        if splits.val is None:
+        if splits.val is None and not evaluate_only:
             if not val_identities:
                 raise ValueError(
                     f"{splits.name} under {splits.root} has no validation split, and checkpoints are selected on "
@@ -151,7 +155,7 @@ class TBPSDataModule(L.LightningDataModule):
             batch_size=data.batch_size,
             num_workers=data.num_workers,
             collate_fn=collate,
-            persistent_workers=data.num_workers > 0,
+            persistent_workers=False,  # re-seeded from the main RNG each epoch: exact resume
             drop_last=True,
         )
         if data.sampler == "identity":
@@ -172,7 +176,7 @@ class TBPSDataModule(L.LightningDataModule):
             batch_size=data.test_batch_size,
             num_workers=data.num_workers,
             shuffle=False,
-            persistent_workers=data.num_workers > 0,
+            persistent_workers=False,  # re-seeded from the main RNG each epoch: exact resume
         )
         gallery = ImageDataset(split.image_paths, split.image_pids, build_eval_transform(size, mean, std))
         queries = TextDataset(split.captions, split.caption_pids)
@@ -218,7 +222,7 @@ def ensure_demo_assets(cfg: DictConfig) -> None:
         write_tiny_checkpoint(cfg.backbone.path, all_captions(root / "VN3K"), TinySiglipSpec(**tiny))
 
 
-def build_datamodule(cfg: DictConfig) -> TBPSDataModule:
+def build_datamodule(cfg: DictConfig, stage: str | None = None) -> TBPSDataModule:
     """Tokenizer (plus a mask token when `loss.MLM`) and a set-up data module for the composed config."""
     tokenizer = CaptionTokenizer.from_pretrained(
         cfg.tokenizer.pretrained_model_name_or_path,
@@ -234,5 +238,5 @@ def build_datamodule(cfg: DictConfig) -> TBPSDataModule:
         simclr_views=bool(cfg.loss.get("SS", False)),
         mlm_probability=cfg.loss.get("mlm_probability", 0.15) if mlm else None,
     )
-    datamodule.setup()
+    datamodule.setup(stage)
     return datamodule

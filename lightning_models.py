@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import logging
+import random
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from model.backbone import load_backbone, needs_per_call_interpolation
+from model.lora import LoraSettings, apply_lora
 from model.objectives import cosine_similarity, identity_mask
 from model.strategies import LossSettings, Objective, StepContext, TrainFeatures
 from model.tbps import TBPS, Heads
@@ -32,6 +35,11 @@ def model_config_problems(cfg: DictConfig) -> list[str]:
         issues += LossSettings.from_mapping(cfg.loss).problems(use_sigmoid=cfg.backbone.get("use_sigmoid", True))
     except ValueError as error:
         issues.append(str(error))
+    if cfg.get("lora"):
+        try:
+            issues += LoraSettings.from_mapping(cfg.lora).problems()
+        except ValueError as error:
+            issues.append(str(error))
     issues += optimizer_problems(cfg.optimizer)
     issues += scheduler_problems(cfg.scheduler)
     return issues
@@ -45,6 +53,28 @@ def pair_statistics(feats: TrainFeatures) -> dict[str, Tensor]:
         s_p = sim[pos].mean()
         s_n = sim[~pos].mean() if (~pos).any() else sim.new_tensor(float("nan"))
     return {"s_p": s_p, "s_n": s_n, "s_gap": s_p - s_n}
+
+
+def rng_states() -> dict[str, Any]:
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    # Plain lists and tensors only, so the checkpoint loads with torch.load(weights_only=True).
+    states = {
+        "python": random.getstate(),
+        "numpy": [name, keys.tolist(), position, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    name, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 class TBPSLitModule(L.LightningModule):
@@ -80,6 +110,8 @@ class TBPSLitModule(L.LightningModule):
             gradient_checkpointing=backbone_cfg.gradient_checkpointing,
             text_vocab_size=text_vocab_size,
         )
+        if self.cfg.get("lora"):
+            apply_lora(backbone, LoraSettings.from_mapping(self.cfg.lora))
         if settings.ID and not num_classes:
             raise ValueError("loss.ID needs the number of training identities (num_classes).")
         heads = Heads(
@@ -100,6 +132,16 @@ class TBPSLitModule(L.LightningModule):
     @property
     def text_vocab_size(self) -> int:
         return int(self.model.backbone.config.text_config.vocab_size)
+
+    # ---------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning restores weights, optimizer, scheduler and loop counters but not the random generators, which
+        # drive shuffling and augmentation: without them a resumed run would diverge from an uninterrupted one.
+        checkpoint["rng_states"] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "rng_states" in checkpoint:
+            restore_rng_states(checkpoint["rng_states"])
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:

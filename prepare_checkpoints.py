@@ -2,6 +2,7 @@
 
     uv run prepare_checkpoints.py                      # download google/siglip-base-patch16-256-multilingual
     uv run prepare_checkpoints.py --tiny               # build the offline tiny SigLIP used by the demo
+    uv run prepare_checkpoints.py --export RUN/checkpoints/last.ckpt --out my_model   # trained model -> HF folder
 
 The download is idempotent (files already present are not fetched again) and lands in `m_siglip_checkpoints/`,
 the `backbone.path` of `backbone=m_siglip`.
@@ -51,6 +52,37 @@ def build_tiny(out_dir: Path, data_root: Path) -> Path:
     return write_tiny_checkpoint(out_dir, all_captions(dataset_dir), TinySiglipSpec())
 
 
+def export(checkpoint: Path, out_dir: Path) -> Path:
+    """Write a trained Lightning checkpoint as a plain Hugging Face model folder (LoRA merged, tokenizer, processor).
+
+    Square training sizes load with `transformers.AutoModel.from_pretrained(out_dir)`; person-shaped sizes (e.g.
+    384x128) need `model.export.load_exported(out_dir)`, which restores the resized position grid.
+    """
+    from data.text import CaptionTokenizer
+    from lightning_models import TBPSLitModule
+    from model.export import export_model
+    from utils.config import register_resolvers
+
+    register_resolvers()
+    if not checkpoint.is_file():
+        raise SystemExit(f"--export {checkpoint}: no such checkpoint file.")
+    module = TBPSLitModule.load_from_checkpoint(checkpoint, map_location="cpu")
+    cfg = module.cfg
+    tokenizer = CaptionTokenizer.from_pretrained(
+        cfg.tokenizer.pretrained_model_name_or_path, cfg.tokenizer.model_max_length
+    )
+    if cfg.loss.get("MLM"):
+        tokenizer.add_mask_token()
+    return export_model(
+        module.model,
+        tokenizer.tokenizer,
+        out_dir,
+        image_size=tuple(cfg.backbone.image_size),
+        mean=list(cfg.aug.img.mean),
+        std=list(cfg.aug.img.std),
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repo-id", default=MULTILINGUAL_REPO, help="hub repository to download")
@@ -58,12 +90,17 @@ def main(argv: list[str] | None = None) -> None:
         "--out", type=Path, help="target folder (default: m_siglip_checkpoints, or demo_assets/tiny_siglip with --tiny)"
     )
     parser.add_argument("--tiny", action="store_true", help="build the offline tiny SigLIP instead of downloading")
+    parser.add_argument("--export", type=Path, metavar="CKPT", help="export a trained Lightning checkpoint to --out")
     parser.add_argument(
         "--data-root", type=Path, default=Path("demo_assets"), help="where the embedded dataset lives (for --tiny)"
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout)
-    if args.tiny:
+    if args.export:
+        if args.out is None:
+            parser.error("--export needs --out <folder>")
+        path = export(args.export, args.out)
+    elif args.tiny:
         path = build_tiny(args.out or args.data_root / "tiny_siglip", args.data_root)
     else:
         path = download(args.repo_id, args.out or Path("m_siglip_checkpoints"))

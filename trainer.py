@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -50,6 +51,14 @@ def build_logger(cfg: DictConfig, run_dir: Path, run_name: str) -> Logger:
     raise ConfigError([f"logger.type={cfg.logger.type!r} is unknown; valid: ['csv', 'wandb']."])
 
 
+def extra_callbacks(cfg: DictConfig) -> list[Callback]:
+    """Early stopping on the validation score when `early_stopping` is configured (`+early_stopping.patience=10`)."""
+    if not cfg.get("early_stopping"):
+        return []
+    settings = {"monitor": "val_score", "mode": "max", **cfg.early_stopping}
+    return [EarlyStopping(**settings)]
+
+
 def chance_t2i_r1(query_pids: list[int], gallery_pids: list[int]) -> float:
     """Expected t2i R1 (percent) of a random ranking: mean over queries of |relevant gallery| / |gallery|."""
     gallery = torch.tensor(gallery_pids)
@@ -57,10 +66,11 @@ def chance_t2i_r1(query_pids: list[int], gallery_pids: list[int]) -> float:
     return float(counts.mean() / len(gallery_pids) * 100)
 
 
-def train(cfg: DictConfig, run_dir: Path, run_name: str = "run") -> dict[str, Any]:
+def train(cfg: DictConfig, run_dir: Path, run_name: str = "run", callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """Fit on the train split, select the best epoch on validation, test it.
 
     Returns (and writes to `run_dir/results.json`) the val and test tables, the chance level and the checkpoint.
+    `callbacks` are added to the trainer's own (checkpointing, learning-rate monitor, early stopping).
     """
     validate_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
@@ -84,13 +94,18 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str = "run") -> dict[str, An
     chance = chance_t2i_r1(test.caption_pids, test.image_pids)
     log.info("chance t2i R1: %.2f%%", chance)
 
+    # epoch03-val_score29.37.ckpt (best on validation t2i R1) and last.ckpt. No "=" in the name (Lightning's
+    # default): Hydra would then need the path quoted in `ckpt_path=...`.
     checkpoint = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", filename="{epoch}-{val_score:.2f}", **cfg.logger.checkpoint
-    )  # epoch=E-val_score=S.ckpt (best on validation t2i R1) and last.ckpt
+        dirpath=run_dir / "checkpoints",
+        filename="epoch{epoch:02d}-val_score{val_score:.2f}",
+        auto_insert_metric_name=False,
+        **cfg.logger.checkpoint,
+    )
     trainer = L.Trainer(
         default_root_dir=run_dir,
         logger=build_logger(cfg, run_dir, run_name),
-        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step")],
+        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"), *extra_callbacks(cfg), *callbacks],
         **cfg.trainer,
     )
     if cfg.eval_before_train:
@@ -100,6 +115,40 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str = "run") -> dict[str, An
     log.info("Testing the checkpoint selected on validation: %s", best or "(final weights)")
     trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
     results = {**module.eval_results, "chance_t2i_R1": chance, "best_checkpoint": best}
+    if trainer.is_global_zero:
+        atomic_write_json(run_dir / "results.json", results)
+    return results
+
+
+def evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Test the checkpoint `cfg.ckpt_path` on the dataset of `cfg` (e.g. trained on VN3K_VI, tested on VN3K_EN).
+
+    The model, its tokenizer and image preprocessing come from the checkpoint's own config; only the dataset
+    (`dataset`, `dataset_root_dir`) and the trainer settings come from the command line. The training split is not
+    needed.
+    """
+    checkpoint = Path(cfg.ckpt_path) if cfg.ckpt_path else None
+    if checkpoint is None or not checkpoint.is_file():
+        raise ConfigError(
+            [
+                f"ckpt_path={cfg.ckpt_path!r} is not a checkpoint file; evaluation (train=false) needs "
+                "ckpt_path=<run folder>/checkpoints/<name>.ckpt."
+            ]
+        )
+    module = TBPSLitModule.load_from_checkpoint(checkpoint, map_location="cpu")
+    eval_cfg = OmegaConf.merge(module.cfg, {"dataset": cfg.dataset, "dataset_root_dir": cfg.dataset_root_dir})
+    datamodule = build_datamodule(eval_cfg, stage="test")
+    test = datamodule.splits.test
+    chance = chance_t2i_r1(test.caption_pids, test.image_pids)
+    log.info("Evaluating %s on %s; chance t2i R1: %.2f%%", checkpoint, cfg.dataset.dataset_name, chance)
+    trainer = L.Trainer(default_root_dir=run_dir, logger=False, **cfg.trainer)
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    results = {
+        **module.eval_results,
+        "chance_t2i_R1": chance,
+        "checkpoint": str(checkpoint),
+        "dataset": cfg.dataset.dataset_name,
+    }
     if trainer.is_global_zero:
         atomic_write_json(run_dir / "results.json", results)
     return results
@@ -115,7 +164,12 @@ def run_name_of(config_name: str, overrides: list[str]) -> str:
 def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     name = cfg.logger.experiment_name or run_name_of(hydra_cfg.job.config_name or "run", hydra_cfg.overrides.task)
-    train(cfg, Path(hydra_cfg.runtime.output_dir), name)
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    if cfg.get("train", True):
+        train(cfg, run_dir, name)
+    else:
+        validate_config(cfg)
+        evaluate(cfg, run_dir)
 
 
 if __name__ == "__main__":

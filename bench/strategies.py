@@ -2,6 +2,8 @@
 
     uv run python bench/strategies.py                       # 5 strategies x 3 seeds, demo config
     uv run python bench/strategies.py --epochs 8 --seeds 0  # quicker look
+    uv run python bench/strategies.py --jobs 5 --set dataset.num_workers=2   # parallel runs on a GPU machine
+    uv run python bench/strategies.py --jobs 5 --set dataset.num_workers=2   # parallel runs on a GPU machine
 
 Each run is `trainer.py -cn demo` with the strategy settings of `run_cir_loss.sh` (SEED_SPEC 7.1: N-ITC + MVS +
 C-ITC common to all, SimCLR off, circle weight 0.1, m 0.25; gamma 128 for the cross-modal strategies as in the README
@@ -16,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +39,7 @@ STRATEGY_OVERRIDES = {
 COLUMNS = [("t2i", "R1"), ("t2i", "mAP"), ("t2i", "mINP"), ("i2t", "R1"), ("i2t", "mAP"), ("i2t", "mINP")]
 
 
-def run_once(strategy: str, seed: int, epochs: int, out: Path) -> dict:
+def run_once(strategy: str, seed: int, epochs: int, out: Path, extra: list[str]) -> dict:
     run_dir = out / "runs" / f"{strategy}_seed{seed}"
     command = [
         sys.executable,
@@ -49,6 +52,7 @@ def run_once(strategy: str, seed: int, epochs: int, out: Path) -> dict:
         f"trainer.max_epochs={epochs}",
         "logger=csv",
         f"hydra.run.dir={run_dir}",
+        *extra,
     ]
     start = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
@@ -92,13 +96,39 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGY_OVERRIDES), choices=list(STRATEGY_OVERRIDES))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (a GPU machine with many cores)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra Hydra override for every run (repeatable)",
+    )
     args = parser.parse_args(argv)
+    # The embedded dataset and tiny checkpoint are built once, before parallel runs could race to build them.
+    prepare = [
+        sys.executable,
+        "trainer.py",
+        "-cn",
+        "demo",
+        "+trainer.fast_dev_run=true",
+        "logger=csv",
+        f"hydra.run.dir={args.out / 'runs' / 'prepare'}",
+        "dataset.test_batch_size=1024",
+    ]
+    subprocess.run(prepare, cwd=ROOT, check=True, capture_output=True)
     runs = []
-    for strategy in args.strategies:
-        for seed in args.seeds:
-            runs.append(run_once(strategy, seed, args.epochs, args.out))
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = [
+            pool.submit(run_once, strategy, seed, args.epochs, args.out, args.overrides)
+            for strategy in args.strategies
+            for seed in args.seeds
+        ]
+        for future in as_completed(futures):
+            runs.append(future.result())
             print(
-                f"{strategy} seed {seed}: test t2i R1 {runs[-1]['test']['t2i']['R1']:.2f} "
+                f"{runs[-1]['strategy']} seed {runs[-1]['seed']}: test t2i R1 {runs[-1]['test']['t2i']['R1']:.2f} "
                 f"({runs[-1]['seconds']:.0f} s)",
                 flush=True,
             )

@@ -237,8 +237,8 @@ def _eval_split(records: list[_Record]) -> EvalSplit:
     )
 
 
-def _read(name: str, layout: _Layout, root: str | Path) -> DatasetSplits:
-    """Reads one dataset laid out as ``layout`` under ``root``."""
+def _read(name: str, layout: _Layout, root: str | Path, *, require_train: bool = True) -> DatasetSplits:
+    """Reads one dataset laid out as ``layout`` under ``root``; ``require_train=False`` allows a test-only file."""
     folder, annotation = _locate(name, layout, Path(root))
     by_split: dict[str, list[_Record]] = {}
     for index, raw in enumerate(_load_json_list(annotation)):
@@ -251,7 +251,7 @@ def _read(name: str, layout: _Layout, root: str | Path) -> DatasetSplits:
         log.warning(
             "%s: ignored %d records with split values outside %s: %s", annotation, ignored.total(), known, dict(ignored)
         )
-    for required in ("train", "test"):
+    for required in ("train", "test") if require_train else ("test",):
         if not by_split.get(required):
             raise DatasetFormatError(
                 f"{annotation}: no record has key 'split' == '{required}'; {name} needs train and test records"
@@ -260,7 +260,7 @@ def _read(name: str, layout: _Layout, root: str | Path) -> DatasetSplits:
     splits = DatasetSplits(
         name=name,
         root=folder,
-        train=_train_samples(by_split["train"]),
+        train=_train_samples(by_split.get("train", [])),
         val=_eval_split(val_records) if val_records else None,
         test=_eval_split(by_split["test"]),
     )
@@ -270,18 +270,19 @@ def _read(name: str, layout: _Layout, root: str | Path) -> DatasetSplits:
     return splits
 
 
-READERS: dict[str, Callable[[Path], DatasetSplits]] = {
+READERS: dict[str, Callable[..., DatasetSplits]] = {
     name: partial(_read, name, layout) for name, layout in _LAYOUTS.items()
 }
 
 
-def read_dataset(name: str, root: str | Path) -> DatasetSplits:
+def read_dataset(name: str, root: str | Path, *, require_train: bool = True) -> DatasetSplits:
     """Reads a dataset by registry name.
 
     Args:
         name: A key of ``READERS`` (``CUHK-PEDES``, ``ICFG-PEDES``, ``RSTPReid``, ``VN3K_VI``, ``VN3K_EN``,
             ``VN3K_MIXED``).
         root: Folder that contains the dataset folder (for example ``<root>/CUHK-PEDES/reid_raw.json``).
+        require_train: False to evaluate on a dataset whose annotation holds only test records.
 
     Returns:
         The validated train, validation and test splits.
@@ -293,4 +294,4 @@ def read_dataset(name: str, root: str | Path) -> DatasetSplits:
     """
     if name not in READERS:
         raise ValueError(f"unknown dataset '{name}'; valid names: {sorted(READERS)}")
-    return READERS[name](Path(root))
+    return READERS[name](Path(root), require_train=require_train)

@@ -63,7 +63,8 @@ class TBPS(nn.Module):
         text_width = int(backbone.config.text_config.hidden_size)
         self.embed_dim = int(getattr(backbone.config, "projection_dim", None) or text_width)
         for tower, frozen in ((backbone.vision_model, freeze_vision), (backbone.text_model, freeze_text)):
-            tower.requires_grad_(not frozen)
+            if frozen:  # never re-enable: LoRA may already have frozen the base weights
+                tower.requires_grad_(False)
         dim = self.embed_dim
         self.simclr_mlp = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim)) if heads.simclr else None
         self.classifier = IdentityClassifier(dim, heads.num_classes) if heads.num_classes else None

@@ -22,7 +22,9 @@ def test_short_demo_run_beats_chance_and_keeps_best_and_last_checkpoints(demo_ro
     chance = chance_t2i_r1(test.caption_pids, test.image_pids)
     assert results["test"]["t2i"]["R1"] > 3 * chance, (results, chance)
     names = {p.name for p in Path(tmp_path, "checkpoints").iterdir()}
-    assert "last.ckpt" in names and any(name.startswith("epoch=") and "val_score=" in name for name in names)
+    assert "last.ckpt" in names and any(
+        name.startswith("epoch") and "-val_score" in name and "=" not in name for name in names
+    )
     assert (tmp_path / "csv").is_dir()
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["test"]["t2i"]["R1"] == results["test"]["t2i"]["R1"]

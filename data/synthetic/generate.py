@@ -50,7 +50,7 @@ class SyntheticSpec:
         seed: Seed of every random draw.
     """
 
-    num_identities: int = 160
+    num_identities: int = 320  # the demo's size (config/dataset/demo.yaml)
     images_per_identity: tuple[int, int] = (2, 4)
     split_fractions: tuple[float, float, float] = (0.6, 0.15, 0.25)
     image_size: tuple[int, int] = (128, 64)

@@ -1,0 +1,156 @@
+"""Export a trained TBPS backbone as a plain Hugging Face model directory, with any LoRA adapters merged.
+
+Rectangular inputs. `model.backbone.load_backbone` resizes SigLIP's square position grid once, e.g. to 24x8 for
+384x128 crops, and training then fine-tunes that 192-row table. `SiglipVisionConfig.image_size` is one int, so
+transformers can only build square grids, and no square grid has 192 positions. Two exports follow from that:
+
+* Square training size (H == W): `vision_config.image_size` is set to H and the directory is an ordinary
+  checkpoint. `transformers.AutoModel.from_pretrained(out_dir)` rebuilds the trained model exactly.
+* Rectangular training size: the weights are saved unchanged and the grid is recorded in the config as
+  `vision_config.tbps_position_grid = [rows, cols]` (`image_size` keeps the checkpoint's square side).
+  `load_exported(out_dir)` builds the model, resizes the grid to that shape and loads the weights strictly, which is
+  exact. A plain `from_pretrained` refuses the directory with a shape mismatch on the position embedding rather
+  than loading something wrong. Interpolating the trained grid back to a square would make plain loading
+  possible, but it would be lossy: the trained rows are not a resampling of any square grid.
+
+CLIP keeps its native grid (it interpolates per call, `model.backbone.needs_per_call_interpolation`), so its
+export is always an ordinary checkpoint. At a non-native size, call it with `interpolate_pos_encoding=True`, as
+training did.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import load_model
+from transformers import AutoConfig, AutoModel, PreTrainedModel, PreTrainedTokenizerBase, SiglipImageProcessor
+
+from model.backbone import check_image_size, check_model_dir, has_class_token, resize_image_positions
+from model.tbps import TBPS
+
+log = logging.getLogger(__name__)
+
+#: `vision_config` field holding the (rows, cols) position grid of a rectangular SigLIP export.
+GRID_FIELD = "tbps_position_grid"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def merged_backbone(backbone: PreTrainedModel) -> PreTrainedModel:
+    """Return a deep copy of `backbone` with every LoRA adapter merged into its base layer.
+
+    The copy is a plain `SiglipModel` / `CLIPModel` whose state dict has the original keys. `backbone` itself is
+    untouched, so training can go on. Without adapters this is just a copy. The adapters were injected with
+    `peft.inject_adapter_in_model`, which leaves no `PeftModel` to call `merge_and_unload` on, so each peft layer
+    merges itself (`merge`, NaN-checked) and is swapped for its base layer.
+    """
+    merged = copy.deepcopy(backbone)
+    adapted = [(name, module) for name, module in merged.named_modules() if isinstance(module, BaseTunerLayer)]
+    for name, layer in adapted:
+        layer.merge(safe_merge=True)
+        parent, _, child = name.rpartition(".")
+        setattr(merged.get_submodule(parent), child, layer.get_base_layer())
+    if hasattr(merged, "peft_config"):  # set by peft on injection; a plain model has none
+        del merged.peft_config
+    return merged
+
+
+def export_model(
+    model: TBPS,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | Path,
+    *,
+    image_size: tuple[int, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> Path:
+    """Write `model`'s backbone as a Hugging Face model directory, atomically; return `out_dir`.
+
+    The directory holds `config.json` + `model.safetensors` (LoRA merged), the tokenizer files and
+    `preprocessor_config.json`: a `SiglipImageProcessor` that resizes to `image_size` (bicubic) and normalises with
+    `mean` / `std`, as evaluation does. Load it with `load_exported` (any size) or, for a square size, with
+    `transformers.AutoModel.from_pretrained`; either gives the embeddings of `model.encode_image` /
+    `model.encode_text`.
+
+    Args:
+        model: The trained model; only `model.backbone` is exported (the training heads are not part of search).
+        tokenizer: The Hugging Face tokenizer used in training (with an added MLM mask token, if any).
+        out_dir: Directory to create; it must not exist yet.
+        image_size: Training input (height, width).
+        mean: Per-channel normalisation mean of training.
+        std: Per-channel normalisation std of training.
+
+    Raises:
+        FileExistsError: when `out_dir` exists.
+        ValueError: when `image_size` is not the size the SigLIP position grid was resized to.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"Export directory {out_dir} already exists; choose a new out_dir or delete it.")
+    backbone = merged_backbone(model.backbone)
+    if not has_class_token(backbone):
+        record_position_grid(backbone, tuple(image_size))
+    height, width = image_size
+    processor = SiglipImageProcessor(
+        size={"height": height, "width": width}, image_mean=list(mean), image_std=list(std)
+    )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        backbone.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("Exported %s (%dx%d inputs) to %s", type(backbone).__name__, height, width, out_dir)
+    return out_dir
+
+
+def record_position_grid(backbone: PreTrainedModel, image_size: tuple[int, int]) -> None:
+    """Describe a SigLIP backbone's position grid in its config (see the module docstring).
+
+    Raises:
+        ValueError: when `image_size` is not the size the grid was built for.
+    """
+    check_image_size(backbone, image_size)
+    vision_config = backbone.config.vision_config
+    grid_size = backbone.vision_model.embeddings.image_size  # an int until resize_image_positions sets (h, w)
+    trained = tuple(grid_size) if isinstance(grid_size, Sequence) else (grid_size, grid_size)
+    if trained != tuple(image_size):
+        raise ValueError(
+            f"image_size {image_size} differs from the {trained[0]}x{trained[1]} inputs the backbone's position grid "
+            "was built for; pass the training image size."
+        )
+    height, width = image_size
+    if height == width:
+        vision_config.image_size = height
+    else:
+        patch = int(vision_config.patch_size)
+        setattr(vision_config, GRID_FIELD, [height // patch, width // patch])
+
+
+def load_exported(path: str | Path) -> PreTrainedModel:
+    """Load a directory written by `export_model`, rebuilding a rectangular position grid; eval mode.
+
+    Square exports go straight through `AutoModel.from_pretrained`. Rectangular ones are built from the config, get
+    their grid resized to `vision_config.tbps_position_grid` and then load every weight strictly.
+    """
+    path = check_model_dir(path)
+    config = AutoConfig.from_pretrained(path)
+    grid = getattr(config.vision_config, GRID_FIELD, None)
+    if grid is None:
+        return AutoModel.from_pretrained(path)
+    if not (path / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"{path} has no {WEIGHTS_FILE}; rectangular exports are written as one file.")
+    model = AutoModel.from_config(config)
+    patch = int(config.vision_config.patch_size)
+    resize_image_positions(model, (grid[0] * patch, grid[1] * patch))
+    load_model(model, path / WEIGHTS_FILE, strict=True)
+    return model.eval()
