@@ -363,7 +363,21 @@ class Objective:
         return self.settings.SS
 
     def __call__(self, feats: TrainFeatures, context: StepContext = StepContext()) -> dict[str, Tensor]:
-        terms = self._strategy(feats, self.settings, context, use_sigmoid=self.use_sigmoid)
-        for name, weight_field, term in self._auxiliary:
-            terms[name] = getattr(self.settings, weight_field) * term(feats, self.settings)
+        # Losses run in float32 with autocast off: under AMP every matmul inside them (similarities, SimCLR logits)
+        # would otherwise come back in fp16/bf16, where gamma-scaled circle logits and finfo masks overflow.
+        feats = _float32(feats)
+        with torch.autocast(feats.image_feats.device.type, enabled=False):
+            terms = self._strategy(feats, self.settings, context, use_sigmoid=self.use_sigmoid)
+            for name, weight_field, term in self._auxiliary:
+                terms[name] = getattr(self.settings, weight_field) * term(feats, self.settings)
         return terms
+
+
+def _float32(feats: TrainFeatures) -> TrainFeatures:
+    """Floating-point fields as float32 (pids and MLM labels keep their integer dtype)."""
+    changes = {
+        field.name: value.float()
+        for field in dataclasses.fields(feats)
+        if isinstance(value := getattr(feats, field.name), Tensor) and value.is_floating_point()
+    }
+    return dataclasses.replace(feats, **changes)

@@ -134,3 +134,29 @@ def test_unknown_loss_key_and_bad_choices_are_reported():
         LossSettings.from_mapping({"strategy": "baseline", "CIRCLE": True})
     problems = LossSettings(circle_reduction="mean", nitc_mvs_mode="x", NITC=False).problems()
     assert len(problems) == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_term_is_finite_float32_under_autocast_with_gamma_256(tiny_checkpoint, dtype):
+    """AMP returns fp16/bf16 from every matmul; the objective must still compute its losses in float32."""
+    settings = LossSettings(
+        strategy="auxiliary_cross",
+        CIR=True,
+        circle_gamma=256.0,
+        SS=True,
+        CITC=True,
+        RITC=True,
+        SDM=True,
+        ITC=True,
+        CMPM=True,
+    )
+    backbone = load_backbone(tiny_checkpoint, image_size=(32, 16))
+    model = TBPS(backbone, Heads(simclr=True))
+    objective = Objective(settings)
+    with torch.autocast("cpu", dtype=dtype):
+        feats = model(_batch(int(backbone.config.text_config.vocab_size)), aug_view=True, ss_views=True)
+        terms = objective(feats, StepContext(epoch=1.0))
+    for name, value in terms.items():
+        assert value.dtype == torch.float32 and torch.isfinite(value), name
+    sum(terms.values()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

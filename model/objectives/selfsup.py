@@ -18,11 +18,11 @@ def simclr_loss(view_a: Tensor, view_b: Tensor, *, temperature: float = 0.1) -> 
     """
     a, b = F.normalize(view_a.float(), dim=-1), F.normalize(view_b.float(), dim=-1)
     self_mask = torch.eye(a.shape[0], dtype=torch.bool, device=a.device)
-    min_value = torch.finfo(torch.float32).min
     targets = torch.arange(a.shape[0], device=a.device)
     loss = 0.0
     for anchor, other in ((a, b), (b, a)):
         cross = anchor @ other.T / temperature  # (B, B): column i is the positive of row i
-        within = (anchor @ anchor.T / temperature).masked_fill(self_mask, min_value)  # (B, B): self excluded
+        within = anchor @ anchor.T / temperature  # (B, B)
+        within = within.masked_fill(self_mask, torch.finfo(within.dtype).min)  # self excluded, in any dtype
         loss = loss + F.cross_entropy(torch.cat([cross, within], dim=1), targets)
     return loss / 2

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One GPU session for the three benchmarks, each under a time limit so partial results survive.
+# Run from the repository root on a CUDA machine whose python3 has torch, transformers, lightning and peft;
+# hydra-core / omegaconf / prettytable may come as wheels in .whl/. Tables land in bench/results_gpu/ (and $OUT).
+set -uo pipefail
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+out=bench/results_gpu
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python3 -c "import torch, transformers, lightning, peft; print(torch.__version__, transformers.__version__, lightning.__version__, peft.__version__)"
+echo "== train_throughput"
+timeout 160 python3 bench/train_throughput.py --out "$out" 2>&1 | grep -v -i warn | tail -8
+echo "== eval_metrics"
+timeout 110 python3 bench/eval_metrics.py --device cuda --out "$out" 2>&1 | tail -12
+echo "== strategies"
+timeout 260 python3 bench/strategies.py --jobs 5 --out "$out" --set dataset.num_workers=2 2>&1 | tail -12
+if [ -n "${OUT:-}" ]; then cp "$out"/*.md "$out"/*.json "$OUT"/ 2>/dev/null; fi
