@@ -18,20 +18,27 @@ from data.mlm import mask_tokens
 from data.readers import READERS, DatasetSplits, EvalSplit, read_dataset
 from data.samplers import IdentitySampler
 from data.splits import hold_out_identities
+from data.subsets import identity_fold, ten_percent_cuhk_vn3k_mix
 from data.text import CaptionTokenizer, random_deletion
 from data.transforms import AUGMENTATIONS, build_eval_transform, build_simclr_transform, build_train_transform
 
 log = logging.getLogger(__name__)
 
 SAMPLERS = ("random", "identity")
+#: Training mixes built from several datasets, by `dataset.dataset_name`.
+MIXES = {"TEN_PERCENT_CUHK_VN3K_MIX": ten_percent_cuhk_vn3k_mix}
 
 
 def data_config_problems(cfg: DictConfig) -> list[str]:
     """Problems in the dataset / aug / tokenizer groups, found without touching the disk."""
     data = cfg.dataset
     issues = []
-    if data.dataset_name not in READERS:
-        issues.append(f"dataset.dataset_name={data.dataset_name!r} is unknown; valid: {sorted(READERS)}.")
+    if data.dataset_name not in READERS and data.dataset_name not in MIXES:
+        issues.append(
+            f"dataset.dataset_name={data.dataset_name!r} is unknown; valid: {sorted(READERS) + sorted(MIXES)}."
+        )
+    if cfg.get("model_selection", "validation") not in ("validation", "test"):
+        issues.append(f"model_selection={cfg.model_selection!r} is unknown; valid: ['validation', 'test'].")
     if data.sampler not in SAMPLERS:
         issues.append(f"dataset.sampler={data.sampler!r} is unknown; valid: {list(SAMPLERS)}.")
     if data.batch_size < 2:
@@ -113,9 +120,13 @@ class TBPSDataModule(L.LightningDataModule):
         if self.splits is not None:
             return
         evaluate_only = stage == "test"
-        splits = read_dataset(
-            self.cfg.dataset.dataset_name, Path(self.cfg.dataset_root_dir), require_train=not evaluate_only
-        )
+        name, root, seed = self.cfg.dataset.dataset_name, Path(self.cfg.dataset_root_dir), self.cfg.seed
+        if name in MIXES:
+            splits = MIXES[name](root, seed)
+        else:
+            splits = read_dataset(name, root, require_train=not evaluate_only)
+        if self.cfg.dataset.get("proportion") and not evaluate_only:
+            splits = identity_fold(splits, self.cfg.dataset.proportion, self.cfg.dataset.get("fold_id", 0), seed)
         val_identities = self.cfg.dataset.get("val_identities", 0)
         if splits.val is None and not evaluate_only:
             if not val_identities:
@@ -123,7 +134,7 @@ class TBPSDataModule(L.LightningDataModule):
                     f"{splits.name} under {splits.root} has no validation split, and checkpoints are selected on "
                     "validation, never on test: set dataset.val_identities=<n> to hold out n training identities."
                 )
-            splits = hold_out_identities(splits, val_identities, self.cfg.seed)
+            splits = hold_out_identities(splits, val_identities, seed)
         self.splits = splits
 
     @property
@@ -186,6 +197,9 @@ class TBPSDataModule(L.LightningDataModule):
         ]
 
     def val_dataloader(self) -> list[DataLoader]:
+        if self.cfg.get("model_selection", "validation") == "test":
+            # The seed's protocol (and IRRA's, TBPS-CLIP's): epochs are selected on the test split. Parity only.
+            return self._eval_loaders(self.splits.test)
         return self._eval_loaders(self.splits.val)
 
     def test_dataloader(self) -> list[DataLoader]:

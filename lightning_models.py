@@ -132,6 +132,10 @@ class TBPSLitModule(L.LightningModule):
         )
         self._eval_feats: dict[int, list[tuple[Tensor, Tensor]]] = {GALLERY: [], QUERIES: []}
         self.eval_results: dict[str, dict[str, dict[str, float]]] = {}
+        #: Printed after "Val results" / "Test results" (which split and which weights the table is about).
+        self.eval_labels: dict[str, str] = {}
+        if self.cfg.get("model_selection", "validation") == "test":
+            self.eval_labels["val"] = " [TEST split: the seed's select-on-test protocol, for parity only]"
 
     @property
     def text_vocab_size(self) -> int:
@@ -190,7 +194,7 @@ class TBPSLitModule(L.LightningModule):
         self.eval_results[stage] = results
         self.log_dict({f"{stage}/{task}_{k}": v for task, metrics in results.items() for k, v in metrics.items()})
         self.log(f"{stage}_score", results["t2i"]["R1"], prog_bar=stage == "val")
-        log.info("%s results:\n%s", stage.capitalize(), results_table(results))
+        log.info("%s results%s:\n%s", stage.capitalize(), self.eval_labels.get(stage, ""), results_table(results))
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, dataloader_idx)

@@ -111,10 +111,15 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str = "run", callbacks: Sequ
     if cfg.eval_before_train:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    module.eval_labels["test"] = " (last epoch)"
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    test_last = module.eval_results["test"]
     best = checkpoint.best_model_path or None
-    log.info("Testing the checkpoint selected on validation: %s", best or "(final weights)")
+    selection = "validation" if cfg.get("model_selection", "validation") == "validation" else "TEST (seed parity)"
+    module.eval_labels["test"] = f" (checkpoint selected on {selection}: {best or 'final weights'})"
     trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
-    results = {**module.eval_results, "chance_t2i_R1": chance, "best_checkpoint": best}
+    results = {**module.eval_results, "test_last": test_last, "chance_t2i_R1": chance, "best_checkpoint": best,
+               "model_selection": cfg.get("model_selection", "validation")}
     if trainer.is_global_zero:
         atomic_write_json(run_dir / "results.json", results)
     return results

@@ -13,17 +13,15 @@ result). Results: `bench/results/strategies.md` (table) and `bench/results/strat
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from scripts.seed_sweep import mean_std, run_training  # noqa: E402
 from utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 # SimCLR is off: its two extra views per image double the CPU cost of every run (the comparison is the same).
@@ -40,33 +38,8 @@ COLUMNS = [("t2i", "R1"), ("t2i", "mAP"), ("t2i", "mINP"), ("i2t", "R1"), ("i2t"
 
 
 def run_once(strategy: str, seed: int, epochs: int, out: Path, extra: list[str]) -> dict:
-    run_dir = out / "runs" / f"{strategy}_seed{seed}"
-    command = [
-        sys.executable,
-        "trainer.py",
-        "-cn",
-        "demo",
-        *COMMON,
-        *STRATEGY_OVERRIDES[strategy],
-        f"seed={seed}",
-        f"trainer.max_epochs={epochs}",
-        "logger=csv",
-        f"hydra.run.dir={run_dir}",
-        *extra,
-    ]
-    start = time.perf_counter()
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{strategy} seed {seed} failed:\n{done.stderr[-4000:]}")
-    results = json.loads((run_dir / "results.json").read_text())
-    return {
-        "strategy": strategy,
-        "seed": seed,
-        "seconds": time.perf_counter() - start,
-        "test": results["test"],
-        "val": results["val"],
-        "chance_t2i_R1": results["chance_t2i_R1"],
-    }
+    overrides = [*COMMON, *STRATEGY_OVERRIDES[strategy], f"trainer.max_epochs={epochs}", "logger=csv", *extra]
+    return {**run_training("demo", overrides, seed, out / "runs" / f"{strategy}_seed{seed}"), "strategy": strategy}
 
 
 def table(runs: list[dict], epochs: int) -> str:
@@ -81,11 +54,7 @@ def table(runs: list[dict], epochs: int) -> str:
         mine = [r for r in runs if r["strategy"] == strategy]
         if not mine:
             continue
-        cells = []
-        for task, metric in COLUMNS:
-            values = [r["test"][task][metric] for r in mine]
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.mean(values):.2f} +- {spread:.2f}")
+        cells = [mean_std([r["test"][task][metric] for r in mine]) for task, metric in COLUMNS]
         lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

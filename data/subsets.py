@@ -1,0 +1,69 @@
+"""Training subsets for data-efficiency experiments: one identity fold, and the seed's 10 % CUHK + VN3K mix."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+from pathlib import Path
+
+from data.readers import DatasetSplits, TrainSample, read_dataset
+
+log = logging.getLogger(__name__)
+
+
+def _remap(samples: list[TrainSample]) -> list[TrainSample]:
+    """Contiguous pids 0..N-1 in sorted order of the current ones (the ID classifier needs them)."""
+    new_pid = {pid: new for new, pid in enumerate(sorted({s.pid for s in samples}))}
+    return [dataclasses.replace(s, pid=new_pid[s.pid]) for s in samples]
+
+
+def identity_fold(splits: DatasetSplits, proportion: float, fold_id: int, seed: int) -> DatasetSplits:
+    """Keep fold `fold_id` of the training identities cut into `int(1 / proportion)` folds.
+
+    The seed shuffled and cut caption entries, so one person's captions (and images) landed in several folds; here a
+    person belongs to exactly one fold. Identities are shuffled with `Random(seed)`; each fold holds
+    `int(N * proportion)` of them.
+    """
+    num_folds = int(1 / proportion)
+    if not 0 < proportion < 1 or not 0 <= fold_id < num_folds:
+        raise ValueError(
+            f"dataset.proportion={proportion} and dataset.fold_id={fold_id}: proportion must be in (0, 1) and "
+            f"fold_id in [0, {num_folds - 1}]."
+        )
+    identities = sorted({s.pid for s in splits.train})
+    random.Random(seed).shuffle(identities)
+    size = int(len(identities) * proportion)
+    if size == 0:
+        raise ValueError(f"dataset.proportion={proportion} leaves no identity of {len(identities)} in a fold.")
+    kept = set(identities[fold_id * size : (fold_id + 1) * size])
+    train = _remap([s for s in splits.train if s.pid in kept])
+    log.info(
+        "Fold %d of %d: %d of %d training identities, %d captions.",
+        fold_id,
+        num_folds,
+        len(kept),
+        len(identities),
+        len(train),
+    )
+    return dataclasses.replace(splits, train=train)
+
+
+def ten_percent_cuhk_vn3k_mix(root: Path, seed: int, *, cuhk_proportion: float = 0.1) -> DatasetSplits:
+    """The seed's TEN_PERCENT_CUHK_VN3K_MIX: 10 % of CUHK-PEDES training identities plus all of VN3K_VI training.
+
+    English CUHK captions help the Vietnamese task through the multilingual text tower. VN3K pids follow CUHK's so
+    the two sets of people never share an id. Validation is CUHK-PEDES's own split; test is VN3K's (the target).
+    """
+    cuhk, vn3k = read_dataset("CUHK-PEDES", root), read_dataset("VN3K_VI", root)
+    cuhk_part = identity_fold(cuhk, cuhk_proportion, 0, seed).train
+    offset = max(s.pid for s in cuhk_part) + 1
+    images_offset = max(s.image_id for s in cuhk.train) + 1
+    vn3k_part = [dataclasses.replace(s, pid=s.pid + offset, image_id=s.image_id + images_offset) for s in vn3k.train]
+    return DatasetSplits(
+        name="TEN_PERCENT_CUHK_VN3K_MIX",
+        root=Path(root),
+        train=_remap(cuhk_part + vn3k_part),
+        val=cuhk.val,
+        test=vn3k.test,
+    )

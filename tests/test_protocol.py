@@ -1,0 +1,98 @@
+"""Evaluation protocol: identity folds, the CUHK + VN3K mix, validation-only selection, seed sweeps."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data.readers import DatasetSplits, EvalSplit, TrainSample
+from data.subsets import identity_fold, ten_percent_cuhk_vn3k_mix
+from lightning_data import build_datamodule
+from tests.conftest import compose_config, demo_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _splits(num_ids: int = 20) -> DatasetSplits:
+    train = [
+        TrainSample(pid=p, image_id=p * 2 + k, image_path=Path(f"{p}_{k}.png"), caption=f"c{p}{k}{c}")
+        for p in range(num_ids)
+        for k in range(2)
+        for c in range(2)
+    ]
+    test = EvalSplit(image_pids=[0], image_paths=[Path("t.png")], caption_pids=[0], captions=["t"])
+    return DatasetSplits(name="X", root=Path("."), train=train, val=None, test=test)
+
+
+def test_identity_folds_partition_people_not_captions():
+    folds = [identity_fold(_splits(), 0.25, k, seed=3).train for k in range(4)]
+    images = [{s.image_path for s in fold} for fold in folds]
+    for i in range(4):
+        assert len({s.image_path.stem.split("_")[0] for s in folds[i]}) == 5  # 5 of 20 people
+        assert sorted({s.pid for s in folds[i]}) == list(range(5))  # contiguous pids per fold
+        for j in range(i + 1, 4):
+            assert not images[i] & images[j]  # a person's images never appear in two folds
+    assert set().union(*images) == {s.image_path for s in _splits().train}
+
+
+@pytest.mark.parametrize("proportion, fold", [(0.25, 4), (1.5, 0), (0.0, 0)])
+def test_identity_fold_rejects_bad_arguments(proportion, fold):
+    with pytest.raises((ValueError, ZeroDivisionError)):
+        identity_fold(_splits(), proportion, fold, seed=0)
+
+
+def test_ten_percent_mix_joins_cuhk_and_vn3k_without_shared_ids(demo_root, tmp_path):
+    cuhk = tmp_path / "CUHK-PEDES"
+    (cuhk / "imgs").mkdir(parents=True)
+    source = next((demo_root / "VN3K" / "imgs").rglob("*.png"))
+    records = []
+    for person in range(1, 31):
+        split = "train" if person <= 20 else ("val" if person <= 25 else "test")
+        (cuhk / "imgs" / f"{person}.png").write_bytes(source.read_bytes())
+        records.append({"id": person, "file_path": f"{person}.png", "captions": [f"person {person}"], "split": split})
+    (cuhk / "reid_raw.json").write_text(json.dumps(records))
+    (tmp_path / "VN3K").symlink_to(demo_root / "VN3K")
+    mixed = ten_percent_cuhk_vn3k_mix(tmp_path, seed=0)
+    cuhk_train = [s for s in mixed.train if "CUHK" in str(s.image_path)]
+    vn3k_train = [s for s in mixed.train if "VN3K" in str(s.image_path)]
+    assert len({s.pid for s in cuhk_train}) == 2  # 10 % of 20 training people
+    assert not {s.pid for s in cuhk_train} & {s.pid for s in vn3k_train}
+    assert sorted({s.pid for s in mixed.train}) == list(range(len({s.pid for s in mixed.train})))
+    assert all("VN3K" in str(p) for p in mixed.test.image_paths) and len(set(mixed.val.image_pids)) == 5
+
+
+def test_validation_loaders_use_the_validation_split_unless_parity_is_asked(demo_root):
+    datamodule = build_datamodule(compose_config("demo", demo_overrides(demo_root)))
+    splits = datamodule.splits
+    gallery = datamodule.val_dataloader()[0].dataset
+    assert len(gallery) == len(splits.val.image_paths) != len(splits.test.image_paths)
+    assert not set(splits.val.image_paths) & set(splits.test.image_paths)
+    assert not set(splits.val.image_paths) & {s.image_path for s in splits.train}
+    parity = build_datamodule(compose_config("demo", demo_overrides(demo_root, "model_selection=test")))
+    assert len(parity.val_dataloader()[0].dataset) == len(splits.test.image_paths)
+
+
+def test_seed_sweep_writes_a_mean_std_table(demo_root, tmp_path):
+    command = [
+        sys.executable,
+        "scripts/seed_sweep.py",
+        "--config",
+        "demo",
+        "--seeds",
+        "0",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--",
+        *demo_overrides(demo_root),
+        "+trainer.fast_dev_run=true",
+        "dataset.test_batch_size=512",
+    ]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = (tmp_path / "seed_sweep.md").read_text()
+    assert "test (selected on validation)" in report and "test (last epoch)" in report and "+-" in report
+    runs = json.loads((tmp_path / "seed_sweep.json").read_text())
+    assert [run["seed"] for run in runs] == [0, 1] and all("test_last" in run for run in runs)
