@@ -37,6 +37,8 @@ def data_config_problems(cfg: DictConfig) -> list[str]:
         issues.append(
             f"dataset.dataset_name={data.dataset_name!r} is unknown; valid: {sorted(READERS) + sorted(MIXES)}."
         )
+    if cfg.get("eval_scoring", "cosine") not in ("cosine", "dot"):
+        issues.append(f"eval_scoring={cfg.eval_scoring!r} is unknown; valid: ['cosine', 'dot'].")
     if cfg.get("model_selection", "validation") not in ("validation", "test"):
         issues.append(f"model_selection={cfg.model_selection!r} is unknown; valid: ['validation', 'test'].")
     if data.sampler not in SAMPLERS:

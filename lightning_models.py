@@ -174,10 +174,15 @@ class TBPSLitModule(L.LightningModule):
 
     # ---------------------------------------------------------------- evaluation
     def _eval_step(self, batch: dict[str, Tensor], dataloader_idx: int) -> None:
+        # "dot" keeps the raw pooled embeddings: the seed ranked by unnormalised dot products (its published
+        # numbers); "cosine" (default) ranks by cosine similarity, as training optimises.
+        normalise = self.cfg.get("eval_scoring", "cosine") == "cosine"
         if dataloader_idx == GALLERY:
-            feats = self.model.encode_image(batch["images"])
+            embed = self.model.encode_image if normalise else self.model.image_embeddings
+            feats = embed(batch["images"])
         else:
-            feats = self.model.encode_text(batch["caption_input_ids"], batch.get("caption_attention_mask"))
+            embed = self.model.encode_text if normalise else self.model.text_embeddings
+            feats = embed(batch["caption_input_ids"], batch.get("caption_attention_mask"))
         self._eval_feats[dataloader_idx].append((feats.float(), batch["pids"]))
 
     def _eval_epoch_end(self, stage: str) -> None:
@@ -186,10 +191,11 @@ class TBPSLitModule(L.LightningModule):
             for i in (GALLERY, QUERIES)
         )
         self._eval_feats = {GALLERY: [], QUERIES: []}
-        sim_t2i = text_feats @ image_feats.T  # (Q_text, G_image) cosine similarities
+        sim_t2i = text_feats @ image_feats.T  # (Q_text, G_image) cosine (or, with eval_scoring=dot, raw) scores
+        budget = int(self.cfg.get("eval_memory_budget_mb", 256)) * 2**20  # per query chunk of the ranking
         results = {
-            "t2i": rank_metrics(sim_t2i, text_pids, image_pids),
-            "i2t": rank_metrics(sim_t2i.T, image_pids, text_pids),
+            "t2i": rank_metrics(sim_t2i, text_pids, image_pids, memory_budget_bytes=budget),
+            "i2t": rank_metrics(sim_t2i.T, image_pids, text_pids, memory_budget_bytes=budget),
         }
         self.eval_results[stage] = results
         self.log_dict({f"{stage}/{task}_{k}": v for task, metrics in results.items() for k, v in metrics.items()})

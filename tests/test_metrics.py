@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from utils.metrics import NoRelevantGalleryError, rank_metrics
+from bench.reference_rank import reference_rank
+from utils import metrics
+from utils.metrics import BYTES_PER_ENTRY, NoRelevantGalleryError, rank_chunk_rows, rank_metrics
 
 DEVICES = [
     "cpu",
@@ -53,6 +55,30 @@ def _random_case(num_queries: int, num_gallery: int, num_ids: int, decimals: int
     query_pids = torch.randint(0, num_ids, (num_queries,), generator=gen)
     similarity = torch.round(torch.rand(num_queries, num_gallery, generator=gen) * 2 - 1, decimals=decimals)
     return similarity, query_pids, gallery_pids
+
+
+def _structured_case(num_queries: int, num_gallery: int, seed: int, dtype: torch.dtype = torch.float32):
+    """Scores shaped like a trained model's, with exact ties, and between 1 and ~num_gallery / 4 positives per query.
+
+    Group sizes are skewed (many pids with one or two items, a few with dozens). Positives score higher on average,
+    so most gallery items fall below a query's lowest positive and many candidates sit between its positives. Scores
+    are quantised (ties between positives and negatives) and every tenth gallery item duplicates its neighbour's
+    column (whole tied columns, as identical captions give).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    sizes = torch.cat([torch.ones(num_gallery // 8, dtype=torch.long), torch.randint(2, 6, (num_gallery // 8,))])
+    sizes = torch.cat([sizes, torch.tensor([num_gallery // 4])])
+    gallery_pids = torch.repeat_interleave(torch.arange(len(sizes)), sizes)[:num_gallery]
+    gallery_pids = torch.cat([gallery_pids, torch.randint(0, len(sizes), (num_gallery - len(gallery_pids),))])
+    gallery_pids = gallery_pids[torch.randperm(num_gallery, generator=gen)]
+    duplicated = torch.arange(1, num_gallery, 10)
+    gallery_pids[duplicated] = gallery_pids[duplicated - 1]
+    query_pids = gallery_pids[torch.randint(0, num_gallery, (num_queries,), generator=gen)]
+    relevant = query_pids[:, None] == gallery_pids[None, :]
+    similarity = torch.randn(num_queries, num_gallery, generator=gen) + 2.0 * relevant
+    similarity = torch.round(similarity * 16) / 16
+    similarity[:, duplicated] = similarity[:, duplicated - 1]
+    return similarity.to(dtype), query_pids, gallery_pids
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -114,6 +140,123 @@ def test_matches_reference_on_long_gallery_with_many_ties(device):
     _assert_metrics_equal(metrics, _reference(similarity, query_pids, gallery_pids, (1, 5, 10)))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_bins", [2, 3, 256])
+@pytest.mark.parametrize(("chunk_size", "seed"), [(1, 0), (7, 1), (None, 2)])
+def test_matches_reference_on_structured_scores(monkeypatch, device, num_bins, chunk_size, seed):
+    # Two bins send every candidate through the exact sort; 256 bins count most of them per bin instead.
+    monkeypatch.setattr(metrics, "_NUM_BINS", num_bins)
+    similarity, query_pids, gallery_pids = _structured_case(40, 400, seed)
+    ks = (1, 5, 10, 400)
+    actual = rank_metrics(similarity.to(device), query_pids, gallery_pids, ks=ks, chunk_size=chunk_size)
+    _assert_metrics_equal(actual, _reference(similarity, query_pids, gallery_pids, ks))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_infinite_extreme_and_signed_zero_scores(device, dtype):
+    finfo = torch.finfo(dtype)
+    specials = torch.tensor([math.inf, -math.inf, finfo.max, -finfo.max, finfo.tiny, -finfo.tiny, 0.0, -0.0, 1.0])
+    similarity, query_pids, gallery_pids = _structured_case(30, 200, seed=3, dtype=dtype)
+    gen = torch.Generator().manual_seed(4)
+    where = torch.rand(similarity.shape, generator=gen) < 0.3
+    similarity[where] = specials[torch.randint(0, len(specials), (int(where.sum()),), generator=gen)].to(dtype)
+    similarity[0] = math.inf  # a row tied at +inf throughout
+    similarity[1, gallery_pids == query_pids[1]] = -math.inf  # every positive of a row at -inf
+    actual = rank_metrics(similarity.to(device), query_pids, gallery_pids, ks=(1, 5))
+    _assert_metrics_equal(actual, _reference(similarity, query_pids, gallery_pids, (1, 5)))
+
+
+def test_non_contiguous_similarity():
+    similarity, query_pids, gallery_pids = _structured_case(60, 300, seed=5)
+    transposed_view = similarity.T.contiguous().T  # same values, column-major strides
+    _assert_metrics_equal(
+        rank_metrics(transposed_view, query_pids, gallery_pids, chunk_size=16),
+        _reference(similarity, query_pids, gallery_pids, (1, 5, 10)),
+    )
+
+
+def test_bench_reference_rank_matches_plain_reference():
+    similarity, query_pids, gallery_pids = _structured_case(50, 300, seed=6)
+    ks = (1, 5, 10, 300)
+    _assert_metrics_equal(
+        reference_rank(similarity, query_pids, gallery_pids, ks), _reference(similarity, query_pids, gallery_pids, ks)
+    )
+
+
+@pytest.mark.parametrize("budget", [300_000, 1_000_000, 3_000_000])
+def test_memory_budget_sets_chunk_rows(monkeypatch, budget):
+    similarity, query_pids, gallery_pids = _structured_case(97, 400, seed=7)
+    chunk_rows, worker = [], metrics._rank_chunk
+
+    def recording_worker(scores, *args):
+        chunk_rows.append(scores.shape[0])
+        return worker(scores, *args)
+
+    monkeypatch.setattr(metrics, "_rank_chunk", recording_worker)
+    actual = rank_metrics(similarity, query_pids, gallery_pids, memory_budget_bytes=budget)
+    row_bytes = 400 * BYTES_PER_ENTRY + metrics._BYTES_PER_ROW
+    assert rank_chunk_rows(400, budget) == budget // row_bytes
+    assert chunk_rows[0] * row_bytes <= budget < (chunk_rows[0] + 1) * row_bytes  # the largest chunk that fits
+    assert all(rows <= chunk_rows[0] for rows in chunk_rows) and sum(chunk_rows) == 97
+    _assert_metrics_equal(actual, _reference(similarity, query_pids, gallery_pids, (1, 5, 10)))
+
+    chunk_rows.clear()  # without a budget, the device type's default applies
+    monkeypatch.setitem(metrics.DEFAULT_MEMORY_BUDGET_BYTES, "cpu", budget)
+    rank_metrics(similarity, query_pids, gallery_pids)
+    assert chunk_rows[0] == budget // row_bytes
+
+    chunk_rows.clear()  # an explicit chunk size overrides the budget, even one too small for a row
+    rank_metrics(similarity, query_pids, gallery_pids, chunk_size=50, memory_budget_bytes=1)
+    assert chunk_rows == [50, 47]
+
+
+def _peak_cpu_bytes(fn) -> int:
+    """Peak of live CPU tensor memory allocated while `fn` runs, from the profiler's allocation events."""
+    profiler = pytest.importorskip("torch.profiler")
+    with profiler.profile(activities=[profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = prof.profiler.kineto_results.events()
+    allocations = sorted((event.start_ns(), event.nbytes()) for event in events if event.name() == "[memory]")
+    assert allocations, "the profiler recorded no allocation"
+    live = peak = 0
+    for _, nbytes in allocations:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    ("case", "dtype"),
+    [("all_tied_one_pid", torch.float64), ("all_tied", torch.float16), ("random", torch.float32)],
+)
+def test_peak_memory_within_budget(device, case, dtype):
+    # Worst cases: every item a candidate sharing the relevant items' bin (all tied), float64 scores.
+    num_queries, num_gallery, budget = 60, 1000, 2_000_000
+    gen = torch.Generator().manual_seed(8)
+    gallery_pids = torch.arange(num_gallery) % (1 if case == "all_tied_one_pid" else 40)
+    query_pids = gallery_pids[torch.randint(0, num_gallery, (num_queries,), generator=gen)].to(device)
+    similarity = torch.rand(num_queries, num_gallery, generator=gen)
+    if case != "random":
+        similarity.zero_()
+    similarity, gallery_pids = similarity.to(device, dtype), gallery_pids.to(device)
+
+    def run():
+        rank_metrics(similarity, query_pids, gallery_pids, memory_budget_bytes=budget)
+
+    if device == "cpu":
+        peak = _peak_cpu_bytes(run)
+    else:
+        torch.cuda.synchronize()
+        baseline = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        peak = torch.cuda.max_memory_allocated() - baseline
+    assert rank_chunk_rows(num_gallery, budget) < num_queries  # several chunks, so the budget is what bounds memory
+    assert 0 < peak <= budget
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_low_and_double_precision_inputs(dtype):
     similarity, query_pids, gallery_pids = _random_case(20, 30, 5, 2, seed=3)
@@ -159,6 +302,13 @@ def test_query_without_relevant_gallery_item_raises():
         (torch.rand(2, 4), torch.tensor([0, 1]), torch.tensor([0, 1, 0]), {"ks": (1,)}, "gallery_pids"),
         (torch.ones(2, 4, dtype=torch.long), torch.tensor([0, 1]), torch.tensor([0, 1, 0, 1]), {"ks": (1,)}, "float"),
         (torch.rand(2, 4), torch.tensor([0, 1]), torch.tensor([0, 1, 0, 1]), {"ks": (1,), "chunk_size": 0}, "chunk"),
+        (
+            torch.rand(2, 4),
+            torch.tensor([0, 1]),
+            torch.tensor([0, 1, 0, 1]),
+            {"ks": (1,), "memory_budget_bytes": 1000},
+            r"memory_budget_bytes=1000 cannot hold one query row of a 4-item gallery",
+        ),
         (
             torch.tensor([[0.1, 0.2], [math.nan, 0.3]]),
             torch.tensor([0, 1]),

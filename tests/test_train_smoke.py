@@ -3,13 +3,21 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from data.readers import read_dataset
 from tests.conftest import compose_config, demo_overrides
 from trainer import chance_t2i_r1, train
 
 
-def test_fast_dev_run_executes_a_training_and_evaluation_step(demo_root, tmp_path):
-    cfg = compose_config("demo", demo_overrides(demo_root, "+trainer.fast_dev_run=true", "dataset.test_batch_size=512"))
+@pytest.mark.parametrize("scoring", ["cosine", "dot"])
+def test_fast_dev_run_executes_a_training_and_evaluation_step(demo_root, tmp_path, scoring):
+    cfg = compose_config(
+        "demo",
+        demo_overrides(
+            demo_root, "+trainer.fast_dev_run=true", "dataset.test_batch_size=512", f"eval_scoring={scoring}"
+        ),
+    )
     results = train(cfg, tmp_path)
     assert {"val", "test", "chance_t2i_R1"} <= set(results)
     assert set(results["test"]) == {"t2i", "i2t"}

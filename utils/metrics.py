@@ -1,20 +1,42 @@
-"""Retrieval metrics for text-based person search: CMC (R@k), mAP and mINP.
+"""Retrieval metrics for text-based person search: CMC (R@k), mAP and mINP, exact at any size in bounded memory.
 
 Definitions follow IRRA's `rank` (Jiang & Ye, CVPR 2023, arXiv:2303.12501), which TBPS-CLIP and PERSON_RLF share:
 a gallery item is relevant to a query when both carry the same person id, and every relevant item counts (no junk or
 same-camera filtering). Unlike IRRA, ties are broken deterministically: among equal scores the lower gallery index
 ranks first, so results do not depend on the device or on the sort implementation.
+
+Only the ranks of relevant items enter the metrics, and the rank of relevant item j of a query is
+``1 + #{g : s_g > s_j} + #{g < j : s_g == s_j}``, so whole rows never need sorting. Per chunk of queries:
+
+1. Items scoring below the query's lowest-scoring relevant item outrank no relevant item: only the *candidates*
+   (score >= that minimum) are kept. For a trained model they are a small fraction of the gallery.
+2. Candidates go into ``_NUM_BINS`` equal-width bins spanning the relevant items' scores. The score -> bin map is a
+   chain of correctly rounded, monotone operations, so an item in a higher bin than a relevant item scores strictly
+   higher, and one in a lower bin strictly lower.
+3. Candidates sharing a bin with a relevant item are sorted exactly (stable, so ties keep gallery order); all others
+   are only counted per bin. Rank = 1 + (counted candidates in higher bins) + (position among the sorted ones).
+
+The cost is a few passes over the chunk plus work proportional to the candidates; memory is bounded by a budget
+(``BYTES_PER_ENTRY`` per query-gallery entry of a chunk, whatever the scores, ties included).
 """
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-_CHUNK_BYTES = 256 * 1024**2
-# Temporaries per (query, gallery) entry of a chunk: a float32 copy of fp16/bf16 scores, the NaN mask, sorted values,
-# int64 sort indices, two bool relevance masks and the sort's workspace. Measured about 34-38 bytes on an H100.
-_BYTES_PER_ENTRY = 40
+#: Default budget for the temporaries of one chunk of queries, per device type (others use the CPU's). GPUs get
+#: larger chunks: each chunk costs a fixed few milliseconds of kernel launches and host synchronisations there.
+DEFAULT_MEMORY_BUDGET_BYTES = {"cpu": 256 * 1024**2, "cuda": 1024**3}
+#: Bound on the temporaries per (query, gallery) entry of a chunk. The worst case is every item being a candidate that
+#: shares a bin with a relevant item (all scores tied): each then holds an int64 row, column and bin key, and later a
+#: score, slot, relevance flag and sort index. Measured CPU peak: 49 bytes (float64 scores, a single pid); the rest is
+#: margin for the GPU sort's workspace. Realistic chunks use a few bytes per entry.
+BYTES_PER_ENTRY = 64
+_NUM_BINS = 256
+# Per query row, independent of G: per-bin flags (bool) and three int64 per-bin count tables.
+_BYTES_PER_ROW = 25 * (_NUM_BINS + 4)
 
 
 class NoRelevantGalleryError(ValueError):
@@ -28,33 +50,37 @@ def rank_metrics(
     *,
     ks: Sequence[int] = (1, 5, 10),
     chunk_size: int | None = None,
+    memory_budget_bytes: int | None = None,
 ) -> dict[str, float]:
     """Rank the gallery for every query and return CMC@k, mAP and mINP in percent.
 
-    The gallery is ranked by descending similarity; equal scores keep gallery order (stable sort). For a query with
-    relevant items at 1-based ranks r_1 < ... < r_n:
+    The gallery is ranked by descending similarity; equal scores keep gallery order (as a stable sort would). For a
+    query with relevant items at 1-based ranks r_1 < ... < r_n:
 
     - CMC@k = 1 if r_1 <= k else 0;
     - AP = (1/n) * sum_i i / r_i (non-interpolated, over the whole ranking);
     - INP = n / r_n (Ye et al., "Deep Learning for Person Re-identification", TPAMI 2021, arXiv:2001.04193).
 
-    Each metric is averaged over queries and multiplied by 100. Queries are processed ``chunk_size`` rows at a time
-    on the similarity's device, so peak extra memory is about ``chunk_size * G * 40`` bytes.
+    Each metric is averaged over queries and multiplied by 100. Queries are processed in chunks on the similarity's
+    device (pass GPU scores to rank on the GPU); a chunk of c queries needs at most
+    ``c * (G * BYTES_PER_ENTRY + ~7 KB)`` bytes of temporaries beyond the inputs and O(Q + G) bookkeeping.
 
     Args:
         similarity: Query-gallery scores; for text-to-image pass ``text_feats @ image_feats.T``, for image-to-text
-            pass its transpose. float16/bfloat16 scores are ranked in float32.
+            pass its transpose. float16/bfloat16 scores are ranked in float32 (exactly).
         query_pids: Person id of each query.
         gallery_pids: Person id of each gallery item.
         ks: Cut-offs for CMC; each gives a key ``f"R{k}"``.
-        chunk_size: Query rows ranked at once; None picks the largest chunk whose temporaries stay under ~256 MB.
+        chunk_size: Query rows ranked at once; overrides ``memory_budget_bytes``.
+        memory_budget_bytes: Bound on the chunk temporaries, from which the chunk size is derived (see
+            ``rank_chunk_rows``); None means ``DEFAULT_MEMORY_BUDGET_BYTES`` for the similarity's device type.
 
     Returns:
         ``{"R1": ..., "R5": ..., "R10": ..., "mAP": ..., "mINP": ...}`` (one ``R`` key per k) as Python floats.
 
     Raises:
-        ValueError: On shape mismatches, an empty or non-floating similarity, NaN scores, k outside [1, G], or a
-            non-positive chunk size.
+        ValueError: On shape mismatches, an empty or non-floating similarity, NaN scores, k outside [1, G], a
+            non-positive chunk size, or a budget too small for one query row.
         NoRelevantGalleryError: If some query pid does not occur in ``gallery_pids``.
 
     Shapes:
@@ -62,15 +88,18 @@ def rank_metrics(
     """
     num_queries, num_gallery = _check_inputs(similarity, query_pids, gallery_pids, ks, chunk_size)
     device = similarity.device
+    if chunk_size is None:
+        default_budget = DEFAULT_MEMORY_BUDGET_BYTES.get(device.type, DEFAULT_MEMORY_BUDGET_BYTES["cpu"])
+        budget = default_budget if memory_budget_bytes is None else memory_budget_bytes
+        chunk_size = rank_chunk_rows(num_gallery, budget)
     query_pids, gallery_pids = query_pids.to(device), gallery_pids.to(device)
     _check_every_query_has_a_match(query_pids, gallery_pids)
-    if chunk_size is None:
-        chunk_size = max(1, _CHUNK_BYTES // (_BYTES_PER_ENTRY * num_gallery))
+    groups = _group_gallery_by_pid(query_pids, gallery_pids)
 
     first_ranks, ap_sums, inp_sums = [], [], []
     for start in range(0, num_queries, chunk_size):
         stop = min(start + chunk_size, num_queries)
-        first_rank, ap, inp = _rank_chunk(similarity[start:stop], query_pids[start:stop], gallery_pids, start)
+        first_rank, ap, inp = _rank_chunk(similarity[start:stop], query_pids, gallery_pids, groups, start)
         first_ranks.append(first_rank)
         ap_sums.append(ap.sum())
         inp_sums.append(inp.sum())
@@ -82,43 +111,200 @@ def rank_metrics(
     return metrics
 
 
-def _rank_chunk(scores: Tensor, query_pids: Tensor, gallery_pids: Tensor, offset: int) -> tuple[Tensor, Tensor, Tensor]:
+def rank_chunk_rows(num_gallery: int, memory_budget_bytes: int) -> int:
+    """Return the most query rows per chunk whose worst-case temporaries fit in the budget.
+
+    A row needs ``num_gallery * BYTES_PER_ENTRY`` bytes plus about 7 KB of per-bin tables.
+
+    Raises:
+        ValueError: If the budget cannot hold a single query row.
+    """
+    row_bytes = num_gallery * BYTES_PER_ENTRY + _BYTES_PER_ROW
+    if memory_budget_bytes < row_bytes:
+        raise ValueError(
+            f"memory_budget_bytes={memory_budget_bytes} cannot hold one query row of a {num_gallery}-item gallery "
+            f"({row_bytes} bytes); raise the budget or pass chunk_size."
+        )
+    return memory_budget_bytes // row_bytes
+
+
+class _PidGroups(NamedTuple):
+    """Gallery indices grouped by pid, and where each query's relevant items sit in that grouping."""
+
+    grouped: Tensor  # (G,) gallery indices sorted by pid, ascending within a pid
+    start: Tensor  # (Q,) offset of the query's pid group in ``grouped``
+    size: Tensor  # (Q,) number of relevant items of the query
+    max_size: int
+
+    def relevant_items(self, rows: slice) -> Tensor:
+        """Gallery indices of the relevant items of queries ``rows``, padded by repeating each query's last one.
+
+        Shapes:
+            returns (rows, max_size) int64.
+        """
+        size = self.size[rows, None]
+        slots = torch.minimum(torch.arange(self.max_size, device=size.device), size - 1)
+        return self.grouped[self.start[rows, None] + slots]
+
+
+def _group_gallery_by_pid(query_pids: Tensor, gallery_pids: Tensor) -> _PidGroups:
+    """Group the gallery by pid; every query pid must occur in it (checked before)."""
+    grouped = torch.argsort(gallery_pids, stable=True)
+    pids, counts = torch.unique_consecutive(gallery_pids[grouped], return_counts=True)
+    group = torch.searchsorted(pids, query_pids)
+    return _PidGroups(grouped, (torch.cumsum(counts, 0) - counts)[group], counts[group], int(counts.max()))
+
+
+def _rank_chunk(
+    scores: Tensor, query_pids: Tensor, gallery_pids: Tensor, groups: _PidGroups, offset: int
+) -> tuple[Tensor, Tensor, Tensor]:
     """Return the first relevant rank, AP and INP of each query in one chunk of rows.
 
     Shapes:
-        scores: (c, G); query_pids: (c,); gallery_pids: (G,); returns three (c,) tensors (int64, float64, float64).
+        scores: (c, G), rows ``offset:offset + c`` of the similarity; query_pids: (Q,); gallery_pids: (G,); returns
+        three (c,) tensors (int64, float64, float64).
     """
-    if scores.dtype not in (torch.float32, torch.float64):
-        scores = scores.float()
-    nan_rows = scores.isnan().any(dim=1).nonzero()
-    if len(nan_rows):
-        raise ValueError(
-            f"similarity row {offset + nan_rows[0].item()} contains NaN; check the encoded features for NaN/overflow "
-            "(for example fp16 encoding without autocast) before ranking."
-        )
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices  # (c, G) gallery index at each rank
-    relevant = query_pids[:, None] == gallery_pids[None, :]  # (c, G)
-    ranked_relevant = relevant.gather(1, order)  # (c, G) is the item at rank k+1 relevant?
-    del order, relevant  # free two (c, G) tensors before nonzero allocates
+    _raise_on_nan(scores, offset)
+    rows = slice(offset, offset + scores.shape[0])
+    compute_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    relevant_scores = scores.gather(1, groups.relevant_items(rows)).to(compute_dtype)  # (c, P)
+    bins = _fit_bins(relevant_scores)
+    del relevant_scores
+    query_idx, rank = _relevant_ranks(scores, query_pids[rows], gallery_pids, bins)
+    return _summarise(query_idx, rank, groups.size[rows], scores.shape[1])
 
-    # Row-major nonzero lists each query's relevant ranks in increasing order, so the i-th hit of a query (1-based
-    # ordinal i) sits at position i - 1 after that query's first entry.
-    query_idx, position = ranked_relevant.nonzero(as_tuple=True)  # (n_hits,) each
-    rank = position + 1
-    num_rel = ranked_relevant.sum(dim=1)  # (c,)
-    row_start = torch.cumsum(num_rel, 0) - num_rel  # (c,) offset of each query's first hit
-    ordinal = torch.arange(len(rank), device=rank.device) - row_start[query_idx] + 1
 
-    num_rows = scores.shape[0]
+def _summarise(
+    query_idx: Tensor, rank: Tensor, num_relevant: Tensor, num_gallery: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Return the first relevant rank, AP and INP of each query from the ranks of its relevant items.
+
+    Shapes:
+        query_idx, rank: (n,) sorted by query, then by rank; num_relevant: (c,); returns three (c,) tensors.
+    """
+    # The i-th hit of a query (1-based ordinal i) sits at position i - 1 after that query's first entry.
+    row_start = torch.cumsum(num_relevant, 0) - num_relevant
+    precision = torch.arange(1, len(rank) + 1, device=rank.device).sub_(row_start[query_idx]).double().div_(rank)
+    num_rows = len(num_relevant)
     ap = torch.zeros(num_rows, dtype=torch.float64, device=rank.device)
-    ap.index_add_(0, query_idx, ordinal.double() / rank.double())
-    ap /= num_rel
-    first_rank = torch.full((num_rows,), scores.shape[1] + 1, dtype=torch.long, device=rank.device)
+    ap.index_add_(0, query_idx, precision)
+    del precision
+    ap /= num_relevant
+    first_rank = torch.full((num_rows,), num_gallery + 1, dtype=torch.long, device=rank.device)
     first_rank.scatter_reduce_(0, query_idx, rank, reduce="amin")
     last_rank = torch.zeros(num_rows, dtype=torch.long, device=rank.device)
     last_rank.scatter_reduce_(0, query_idx, rank, reduce="amax")
-    inp = num_rel.double() / last_rank.double()
+    inp = num_relevant.double() / last_rank.double()
     return first_rank, ap, inp
+
+
+class _RowBins(NamedTuple):
+    """Per-row bins spanning the relevant items' scores (step 2 of the module doc)."""
+
+    lowest: Tensor  # (c,) lowest relevant score: items scoring less outrank no relevant item
+    low: Tensor  # (c,) ``lowest`` clamped to finite values, so that score - low is never NaN
+    scale: Tensor  # (c,) bins per unit score, finite and positive
+    has_relevant: Tensor  # (c * (_NUM_BINS + 4),) flat (row, bin) table: does the bin hold a relevant item?
+
+
+def _fit_bins(relevant_scores: Tensor) -> _RowBins:
+    """Fit each row's bins to its relevant scores (float32/float64; repeats allowed) and mark the bins they occupy."""
+    finfo = torch.finfo(relevant_scores.dtype)
+    lowest = relevant_scores.amin(1)
+    low = lowest.clamp(-finfo.max, finfo.max)
+    high = relevant_scores.amax(1).clamp(-finfo.max, finfo.max)
+    scale = ((_NUM_BINS - 1) / (high.double() - low.double())).clamp(finfo.tiny, finfo.max).to(relevant_scores.dtype)
+    has_relevant = torch.zeros(len(low), _NUM_BINS + 4, dtype=torch.bool, device=low.device)
+    has_relevant.scatter_(1, _bin_index(relevant_scores.clone(), low[:, None], scale[:, None]), True)
+    return _RowBins(lowest, low, scale, has_relevant.view(-1))
+
+
+def _bin_index(values: Tensor, low: Tensor, scale: Tensor) -> Tensor:
+    """Monotone bin of each score, computed in place on ``values``: ``low`` falls in bin 2, the top relevant score in
+    bin ``_NUM_BINS + 1``, and bins 0, 1, ``_NUM_BINS + 2`` and ``_NUM_BINS + 3`` are margins.
+
+    Every step (subtract, multiply by a positive scale, add, clamp, truncate) is correctly rounded and monotone, so
+    ``a <= b`` implies ``bin(a) <= bin(b)``. Separate kernels (no fused multiply-add) make a score's bin the same
+    whichever tensor it sits in. The margins keep rounding from merging far-off items into the relevant bins.
+    """
+    return values.sub_(low).mul_(scale).add_(2).clamp_(0, _NUM_BINS + 3).long()
+
+
+def _relevant_ranks(scores: Tensor, query_pids: Tensor, gallery_pids: Tensor, bins: _RowBins) -> tuple[Tensor, Tensor]:
+    """Return (query index, 1-based rank) of every relevant item, by query then by rank (steps 1-3 of the module doc).
+
+    ``del`` statements free each temporary as soon as possible: they keep the peak under ``BYTES_PER_ENTRY``.
+
+    Shapes:
+        scores: (c, G); query_pids: (c,); gallery_pids: (G,); returns two (n_relevant,) int64 tensors.
+    """
+    num_rows, device, compute_dtype = scores.shape[0], scores.device, bins.low.dtype
+    bins_per_row = _NUM_BINS + 4
+    # Step 1: candidates, row-major so that columns increase within a row.
+    rows, cols = (scores >= bins.lowest[:, None]).nonzero(as_tuple=True)  # (N,) each
+    # Step 2: flat (row, bin) key of every candidate; bins are counted for the candidates not sorted exactly.
+    key = _bin_index(scores[rows, cols].to(compute_dtype), bins.low[rows], bins.scale[rows])
+    key += rows * bins_per_row
+    exact = bins.has_relevant[key].nonzero().squeeze(1)  # candidates sharing a bin with a relevant item
+    exact_key = key[exact]
+    counted = _count(key, num_rows * bins_per_row) - _count(exact_key, num_rows * bins_per_row)
+    del key
+    exact_rows, exact_cols = rows[exact], cols[exact]
+    del rows, cols, exact
+    counted = counted.view(num_rows, bins_per_row)
+    counted_above = counted.sum(1, keepdim=True) - counted.cumsum(1)  # (c, bins) counted candidates in higher bins
+    del counted
+
+    # Step 3: stable sort of each row's exact candidates, laid out left-aligned in a (c, width) matrix.
+    exact_scores = scores[exact_rows, exact_cols].to(compute_dtype)
+    exact_relevant = gallery_pids[exact_cols] == query_pids[exact_rows]
+    del exact_cols
+    per_row = _count(exact_rows, num_rows)
+    exact_start = torch.cumsum(per_row, 0) - per_row
+    slot = torch.arange(len(exact_rows), device=device).sub_(exact_start[exact_rows])
+    width = int(per_row.max())
+    padded = torch.full((num_rows, width), -torch.inf, dtype=compute_dtype, device=device)
+    padded[exact_rows, slot] = exact_scores
+    del exact_scores
+    is_relevant = torch.zeros(num_rows, width, dtype=torch.bool, device=device)
+    is_relevant[exact_rows, slot] = exact_relevant
+    del exact_rows, slot, exact_relevant
+    # Padding sits right of every real entry, so the stable sort keeps it after real -inf scores.
+    order = torch.sort(padded, dim=1, descending=True, stable=True).indices
+    del padded
+    ranked_relevant = is_relevant.gather(1, order)
+    del is_relevant
+    # Flat positions, so that query index and rank own separate storage (a 2-D nonzero would pin both).
+    flat = ranked_relevant.view(-1).nonzero().squeeze(1)
+    del ranked_relevant
+    entry = order.view(-1)[flat]  # slot of each relevant item among its row's exact candidates
+    del order
+    query_idx = torch.div(flat, width, rounding_mode="floor")
+    position = flat.sub_(query_idx * width)
+    entry += exact_start[query_idx]
+    rank = counted_above.view(-1)[exact_key[entry]]
+    del entry, exact_key
+    return query_idx, rank.add_(position).add_(1)
+
+
+def _count(index: Tensor, size: int) -> Tensor:
+    """Occurrences of each value in [0, size) of `index`; unlike ``torch.bincount`` it never waits for the GPU."""
+    ones = torch.ones((), dtype=torch.long, device=index.device).expand_as(index)
+    return torch.zeros(size, dtype=torch.long, device=index.device).index_add_(0, index, ones)
+
+
+def _raise_on_nan(scores: Tensor, offset: int) -> None:
+    """Raise on the first row holding a NaN; a row sum is NaN for any NaN, so clean rows cost one reduction."""
+    suspect = scores.sum(dim=1).isnan()
+    if not suspect.any():
+        return
+    nan_rows = scores[suspect].isnan().any(dim=1)  # a suspect row may only hold +inf and -inf
+    if nan_rows.any():
+        row = suspect.nonzero().flatten()[nan_rows][0].item()
+        raise ValueError(
+            f"similarity row {offset + row} contains NaN; check the encoded features for NaN/overflow "
+            "(for example fp16 encoding without autocast) before ranking."
+        )
 
 
 def _check_inputs(

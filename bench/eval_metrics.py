@@ -1,0 +1,384 @@
+"""Time and peak memory of `utils.metrics.rank_metrics` against the full-sort reference (IRRA's `rank` algorithm).
+
+    uv run python bench/eval_metrics.py                                  # every size on the CPU
+    uv run python bench/eval_metrics.py --device cuda --repeats 3
+    uv run python bench/eval_metrics.py --sizes vn3k cuhk --threads 1 --skip-reference-above 2e8
+
+Sizes are the test splits of VN3K (4,000 captions x 2,000 images), CUHK-PEDES (6,156 x 3,074) and ICFG-PEDES
+(19,848 x 19,848), plus 12,000 x 12,000. Each similarity matrix is seeded and shaped like a trained model's
+text-to-image scores: unit-norm features around one centre per person id (every id has at least two images, ICFG
+about 20), quantised to the float16 grid as under autocast (so exact ties are common), with every 100th image a copy
+of its neighbour (whole tied columns).
+
+Every (size, method) pair runs in a fresh subprocess: it builds the matrix, warms up on 64 queries, then measures
+the time of the full call (fastest of ``--repeats``) and the peak memory above what existed once the matrix was
+built: on the CPU the resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs), on CUDA
+``torch.cuda.max_memory_allocated``. Both methods must return the same numbers (to 1e-9 percentage points, float64
+summation order aside). Results: ``bench/results/eval_metrics_<device>.md`` and ``.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import functools
+import gc
+import json
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.reference_rank import reference_rank  # noqa: E402
+from utils.io import atomic_write_json, atomic_write_text  # noqa: E402
+from utils.metrics import rank_metrics  # noqa: E402
+
+FEATURE_DIM = 64
+# Feature noise around the id centres: gives R1 ~55-75% like published TBPS models on these datasets.
+NOISE = 1.3
+SEED = 0
+TOLERANCE = 1e-9  # percentage points
+# Goal of the issue, checked at these sizes: at least 10x faster, at most 10% of the reference's extra peak memory.
+GOAL_SIZES = ("12k", "icfg")
+GOAL_SPEEDUP, GOAL_MEMORY_RATIO = 10.0, 0.10
+# Extra peak of the reference per query-gallery entry, measured on the CPU (see reference_rank.py).
+REFERENCE_BYTES_PER_ENTRY = 49
+
+
+@dataclass(frozen=True)
+class Size:
+    """A benchmark matrix: ``queries`` captions ranked against ``gallery`` images of ``ids`` people."""
+
+    queries: int
+    gallery: int
+    ids: int
+    label: str
+
+
+SIZES = {
+    "vn3k": Size(4000, 2000, 950, "VN3K test"),
+    "cuhk": Size(6156, 3074, 1000, "CUHK-PEDES test"),
+    "12k": Size(12000, 12000, 2000, "12,000 x 12,000"),
+    "icfg": Size(19848, 19848, 1000, "ICFG-PEDES test"),
+}
+#: method name -> factory of the ranking call (given rank_metrics' memory budget).
+METHODS: dict[str, Callable[[int | None], Callable]] = {
+    "reference": lambda budget: reference_rank,
+    "rank_metrics": lambda budget: functools.partial(rank_metrics, memory_budget_bytes=budget),
+}
+
+
+def make_case(size: Size, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return a seeded (Q, G) float32 similarity matrix on `device` with query and gallery pids (see module doc)."""
+    gen = torch.Generator().manual_seed(SEED)
+    spread = torch.randint(0, size.ids, (size.gallery - 2 * size.ids,), generator=gen)
+    gallery_pids = torch.cat([torch.arange(size.ids), torch.arange(size.ids), spread])
+    gallery_pids = gallery_pids[torch.randperm(size.gallery, generator=gen)]
+    centres = torch.randn(size.ids, FEATURE_DIM, generator=gen)
+    image_feats = centres[gallery_pids] + NOISE * torch.randn(size.gallery, FEATURE_DIM, generator=gen)
+    copies = torch.arange(100, size.gallery, 100)  # identical images: same person, same features
+    gallery_pids[copies], image_feats[copies] = gallery_pids[copies - 1], image_feats[copies - 1]
+    query_pids = gallery_pids[torch.randperm(size.queries, generator=gen) % size.gallery]  # captions per image
+    text_feats = centres[query_pids] + NOISE * torch.randn(size.queries, FEATURE_DIM, generator=gen)
+
+    image_feats = torch.nn.functional.normalize(image_feats, dim=1).to(device)
+    text_feats = torch.nn.functional.normalize(text_feats, dim=1).to(device)
+    similarity = torch.empty(size.queries, size.gallery, device=device)
+    for start in range(0, size.queries, 1024):  # row blocks keep the setup's own peak small
+        block = text_feats[start : start + 1024] @ image_feats.T
+        similarity[start : start + 1024] = block.half().float()
+    return similarity, query_pids.to(device), gallery_pids.to(device)
+
+
+def candidate_fraction(similarity: torch.Tensor, query_pids: torch.Tensor, gallery_pids: torch.Tensor) -> float:
+    """Fraction of entries scoring at least their query's lowest relevant score (rank_metrics' per-item work)."""
+    count = 0
+    for start in range(0, len(query_pids), 1024):
+        block = similarity[start : start + 1024]
+        relevant = query_pids[start : start + 1024, None] == gallery_pids[None, :]
+        lowest = torch.where(relevant, block, torch.inf).amin(1, keepdim=True)
+        count += int((block >= lowest).sum())
+    return count / similarity.numel()
+
+
+class _CpuPeak:
+    """Resident-set high-water mark above the level when `start` was called."""
+
+    def start(self) -> None:
+        gc.collect()
+        # Hand freed heap pages back to the OS first: memory that setup or warm-up freed but malloc kept resident would
+        # otherwise be reused without raising the mark, hiding part of the measured call's peak.
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+        try:  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
+            Path("/proc/self/clear_refs").write_text("5")
+            self.reset = True
+        except OSError:
+            self.reset = False  # the mark then also covers building the matrix (kept small on purpose)
+        self.base = self._status_bytes("VmRSS")
+
+    def extra_bytes(self) -> int:
+        return max(0, self._status_bytes("VmHWM") - self.base)
+
+    @staticmethod
+    def _status_bytes(field: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError(f"/proc/self/status has no {field} line; the CPU peak needs Linux procfs.")
+
+
+class _CudaPeak:
+    """`torch.cuda.max_memory_allocated` above the allocation when `start` was called."""
+
+    def start(self) -> None:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.base, self.reset = torch.cuda.memory_allocated(), True
+
+    def extra_bytes(self) -> int:
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - self.base
+
+
+PEAK_METERS = {"cpu": _CpuPeak, "cuda": _CudaPeak}
+
+
+def run_worker(args: argparse.Namespace) -> dict:
+    """Build one matrix, time one method on it and measure its extra peak memory (runs in a subprocess)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    similarity, query_pids, gallery_pids = make_case(SIZES[args.size], device)
+    method = METHODS[args.method](args.memory_budget_bytes)
+    method(similarity[:64], query_pids[:64], gallery_pids)  # warm-up: thread pool, kernels, allocator
+    meter = PEAK_METERS[device.type]()
+    meter.start()
+    seconds = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        metrics = method(similarity, query_pids, gallery_pids)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    result = {
+        "seconds": min(seconds),
+        "all_seconds": seconds,
+        "extra_peak_bytes": meter.extra_bytes(),
+        "peak_reset": meter.reset,
+        "metrics": metrics,
+        "similarity_bytes": similarity.numel() * similarity.element_size(),
+    }
+    if args.method == "rank_metrics":
+        result["candidate_fraction"] = candidate_fraction(similarity, query_pids, gallery_pids)
+    return result
+
+
+def spawn(method: str, size: str, args: argparse.Namespace) -> dict:
+    """Run `run_worker` for (method, size) in a fresh Python process; return its result or an error."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--method", method, "--size", size]
+    command += ["--device", args.device, "--repeats", str(args.repeats)]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    if args.memory_budget_bytes is not None:
+        command += ["--memory-budget-bytes", str(args.memory_budget_bytes)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        killed = " (killed: out of memory?)" if done.returncode == -9 else ""
+        last = (done.stderr.strip().splitlines() or [""])[-1]
+        return {"error": f"exit code {done.returncode}{killed}: {last}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def reference_skip_reason(size: Size, args: argparse.Namespace) -> str | None:
+    """Why the reference is not run at this size, or None: too many entries, or not enough free CPU memory."""
+    entries = size.queries * size.gallery
+    if args.skip_reference_above is not None and entries > args.skip_reference_above:
+        return f"skipped: {entries:.3g} entries > --skip-reference-above {args.skip_reference_above:.3g}"
+    if args.device == "cpu":
+        needed = entries * (4 + REFERENCE_BYTES_PER_ENTRY)
+        available = _mem_available_bytes()
+        if available is not None and needed > 0.95 * available:
+            return f"skipped: needs ~{needed / 1e9:.1f} GB, {available / 1e9:.1f} GB available"
+    return None
+
+
+def _mem_available_bytes() -> int | None:
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+    except OSError:
+        return None
+    return next((int(line.split()[1]) * 1024 for line in lines if line.startswith("MemAvailable:")), None)
+
+
+def compare(reference: dict, ours: dict) -> dict:
+    """Speed-up, memory ratio and largest metric difference of two worker results (None where one is missing)."""
+    if "seconds" not in reference or "seconds" not in ours:
+        return {"speedup": None, "memory_ratio": None, "max_abs_diff": None, "identical": None}
+    diff = max(abs(reference["metrics"][key] - ours["metrics"][key]) for key in ours["metrics"])
+    return {
+        "speedup": reference["seconds"] / ours["seconds"],
+        "memory_ratio": ours["extra_peak_bytes"] / max(reference["extra_peak_bytes"], 1),
+        "max_abs_diff": diff,
+        "identical": diff <= TOLERANCE,
+    }
+
+
+def device_description(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "CPU"
+
+
+def markdown(report: dict) -> str:
+    """Render the report as a markdown table with the settings and the goal verdicts."""
+    settings = report["settings"]
+    lines = [
+        f"# rank_metrics vs full-sort reference ({settings['device']})",
+        "",
+        f"{settings['device_name']}; torch {settings['torch']}; threads {settings['threads']}; "
+        f"best of {settings['repeats']} run(s); rank_metrics budget {settings['memory_budget']}; {settings['date']}.",
+        "Extra peak = peak memory above what existed once the similarity matrix was built "
+        f"({'VmHWM' if settings['device'] == 'cpu' else 'torch.cuda.max_memory_allocated'}). "
+        f"Identical = every metric within {TOLERANCE:g} percentage points. Candidates = entries scoring at least "
+        "their query's lowest relevant score (rank_metrics' work beyond a few linear passes).",
+        "",
+        "| size | Q x G | similarity | reference | rank_metrics | speed-up | reference extra peak | "
+        "rank_metrics extra peak | memory ratio | identical (max diff) | R1 / mAP / mINP | candidates |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        ref, ours, cmp = row["reference"], row["rank_metrics"], row["comparison"]
+        metrics = ours.get("metrics") or ref.get("metrics")
+        lines.append(
+            f"| {row['label']} | {row['queries']:,} x {row['gallery']:,} | {_gb(row['queries'] * row['gallery'] * 4)} "
+            f"| {_seconds(ref)} | {_seconds(ours)} | {_ratio(cmp['speedup'], 'x')} | {_peak(ref)} | {_peak(ours)} "
+            f"| {_ratio(cmp['memory_ratio'], '%')} | {_identical(cmp)} "
+            f"| {_triple(metrics)} | {_fraction(ours.get('candidate_fraction'))} |"
+        )
+    lines += ["", *report["verdicts"], ""]
+    return "\n".join(lines)
+
+
+def _seconds(result: dict) -> str:
+    return f"{result['seconds']:.2f} s" if "seconds" in result else result.get("skipped") or result["error"]
+
+
+def _gb(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.0f} MB"
+
+
+def _peak(result: dict) -> str:
+    return _gb(result["extra_peak_bytes"]) if "extra_peak_bytes" in result else "-"
+
+
+def _ratio(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}x" if unit == "x" else f"{100 * value:.1f}%"
+
+
+def _identical(comparison: dict) -> str:
+    if comparison["identical"] is None:
+        return "-"
+    return f"{'yes' if comparison['identical'] else 'NO'} ({comparison['max_abs_diff']:.1e})"
+
+
+def _triple(metrics: dict | None) -> str:
+    return "-" if metrics is None else f"{metrics['R1']:.1f} / {metrics['mAP']:.1f} / {metrics['mINP']:.1f}"
+
+
+def _fraction(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    """One line per goal size: met, missed, or not measured."""
+    lines = []
+    for row in rows:
+        if row["size"] not in GOAL_SIZES:
+            continue
+        cmp = row["comparison"]
+        if cmp["speedup"] is None:
+            lines.append(f"- Goal at {row['label']}: not measured (reference or rank_metrics did not run).")
+            continue
+        met = cmp["speedup"] >= GOAL_SPEEDUP and cmp["memory_ratio"] <= GOAL_MEMORY_RATIO and cmp["identical"]
+        lines.append(
+            f"- Goal at {row['label']} (>= {GOAL_SPEEDUP:g}x faster, <= {100 * GOAL_MEMORY_RATIO:g}% of the extra "
+            f"peak, identical): {'met' if met else 'MISSED'} ({cmp['speedup']:.1f}x, {100 * cmp['memory_ratio']:.1f}%)."
+        )
+    return lines
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
+    parser.add_argument("--device", choices=list(PEAK_METERS), default="cpu")
+    parser.add_argument("--repeats", type=int, default=1, help="timed calls per method and size (the best counts)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--memory-budget-bytes", type=int, default=None, help="rank_metrics budget (default: its own)")
+    parser.add_argument(
+        "--skip-reference-above", type=float, default=None, help="skip the reference above this many Q x G entries"
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--method", choices=list(METHODS), help=argparse.SUPPRESS)
+    parser.add_argument("--size", choices=list(SIZES), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA device; none is visible.")
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1.")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(run_worker(args)))
+        return
+    rows = []
+    for name in args.sizes:
+        size = SIZES[name]
+        row = {"size": name, "label": size.label, "queries": size.queries, "gallery": size.gallery}
+        for method in METHODS:
+            skip = reference_skip_reason(size, args) if method == "reference" else None
+            print(f"{size.label}: {method} ...", flush=True)
+            row[method] = {"skipped": skip} if skip else spawn(method, name, args)
+            print(f"  {row[method]}", flush=True)
+        row["comparison"] = compare(row["reference"], row["rank_metrics"])
+        rows.append(row)
+
+    report = {
+        "settings": {
+            "device": args.device,
+            "device_name": device_description(args.device),
+            "torch": torch.__version__,
+            "threads": args.threads or torch.get_num_threads(),
+            "repeats": args.repeats,
+            "memory_budget": "default" if args.memory_budget_bytes is None else f"{args.memory_budget_bytes} bytes",
+            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        },
+        "rows": rows,
+        "verdicts": verdicts(rows),
+    }
+    table = markdown(report)
+    atomic_write_text(args.out / f"eval_metrics_{args.device}.md", table)
+    atomic_write_json(args.out / f"eval_metrics_{args.device}.json", report)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
