@@ -10,9 +10,11 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from data.datasets import load_rgb
 from model.backbone import load_backbone, needs_per_call_interpolation
 from model.lora import LoraSettings, apply_lora
 from model.objectives import cosine_similarity, identity_mask
@@ -20,6 +22,7 @@ from model.strategies import LossSettings, Objective, StepContext, TrainFeatures
 from model.tbps import TBPS, Heads
 from solver.build import build_optimizer, optimizer_problems
 from solver.lr_scheduler import build_scheduler, scheduler_problems
+from utils.analysis import save_failure_gallery, save_similarity_histogram
 from utils.metrics import rank_metrics
 from utils.tables import results_table
 
@@ -200,7 +203,35 @@ class TBPSLitModule(L.LightningModule):
         self.eval_results[stage] = results
         self.log_dict({f"{stage}/{task}_{k}": v for task, metrics in results.items() for k, v in metrics.items()})
         self.log(f"{stage}_score", results["t2i"]["R1"], prog_bar=stage == "val")
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            self._save_pictures(stage, sim_t2i, text_pids, image_pids)
         log.info("%s results%s:\n%s", stage.capitalize(), self.eval_labels.get(stage, ""), results_table(results))
+
+    def _save_pictures(self, stage: str, sim_t2i: Tensor, text_pids: Tensor, image_pids: Tensor) -> None:
+        """Similarity histogram (every evaluation) and, at test time, the failure gallery; PNGs in the run folder,
+        also logged to W&B when it is the logger."""
+        if self.cfg.get("eval_scoring", "cosine") != "cosine":
+            return  # the histogram and thresholds are about cosines
+        out = Path(self.trainer.default_root_dir)
+        pictures = {
+            f"{stage}/similarity": save_similarity_histogram(
+                sim_t2i, text_pids, image_pids, out / f"similarity_{stage}.png"
+            )
+        }
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if stage == "test" and datamodule is not None:
+            split = datamodule.splits.test
+            pictures["test/failures"] = save_failure_gallery(
+                sim_t2i,
+                text_pids,
+                image_pids,
+                split.captions,
+                lambda i: load_rgb(split.image_paths[i]),
+                out / "failures.png",
+            )
+        if isinstance(self.logger, WandbLogger):
+            for key, path in pictures.items():
+                self.logger.log_image(key=key, images=[str(path)])
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, dataloader_idx)

@@ -80,6 +80,7 @@ def export(checkpoint: Path, out_dir: Path) -> Path:
         image_size=tuple(cfg.backbone.image_size),
         mean=list(cfg.aug.img.mean),
         std=list(cfg.aug.img.std),
+        text_attention_mask=bool(cfg.tokenizer.use_attention_mask),
     )
 
 

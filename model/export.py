@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 #: `vision_config` field holding the (rows, cols) position grid of a rectangular SigLIP export.
 GRID_FIELD = "tbps_position_grid"
+TEXT_MASK_FIELD = "tbps_text_attention_mask"
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -68,6 +69,7 @@ def export_model(
     image_size: tuple[int, int],
     mean: Sequence[float],
     std: Sequence[float],
+    text_attention_mask: bool = False,
 ) -> Path:
     """Write `model`'s backbone as a Hugging Face model directory, atomically; return `out_dir`.
 
@@ -84,6 +86,8 @@ def export_model(
         image_size: Training input (height, width).
         mean: Per-channel normalisation mean of training.
         std: Per-channel normalisation std of training.
+        text_attention_mask: Whether training masked text pads; recorded as `text_config.tbps_text_attention_mask`
+            so that search encodes queries the same way.
 
     Raises:
         FileExistsError: when `out_dir` exists.
@@ -93,6 +97,7 @@ def export_model(
     if out_dir.exists():
         raise FileExistsError(f"Export directory {out_dir} already exists; choose a new out_dir or delete it.")
     backbone = merged_backbone(model.backbone)
+    setattr(backbone.config.text_config, TEXT_MASK_FIELD, bool(text_attention_mask))
     if not has_class_token(backbone):
         record_position_grid(backbone, tuple(image_size))
     height, width = image_size
