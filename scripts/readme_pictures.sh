@@ -25,4 +25,4 @@ PY
 uv run search.py index "$gallery" --model "$run/checkpoints/last.ckpt" --index "$run/index"
 uv run search.py query --index "$run/index" -k 6 --grid docs/images/query_grid.png \
     "Một người phụ nữ mặc áo khoác hồng và quần dài màu xanh lá cây" \
-    "a man in a yellow t-shirt and red trousers"
+    "a woman in a blue t-shirt and black jeans with red shoes, a yellow helmet and a pink handbag"
