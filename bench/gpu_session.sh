@@ -4,8 +4,9 @@
 # hydra-core / omegaconf / prettytable may come as wheels in .whl/. Tables land in bench/results_gpu/ (and $OUT).
 set -uo pipefail
 if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site
+    site=$(mktemp -d)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
+    export PYTHONPATH="$site"
 fi
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 out=bench/results_gpu

@@ -37,6 +37,7 @@ from solver.build import build_optimizer  # noqa: E402
 from utils.config import register_resolvers  # noqa: E402
 from utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 
+MODES = [("LoRA r32", True, "lora"), ("full", False, "full")]
 REAL = dict(text=dict(vocab_size=250000), vision=dict(image_size=256), image=(384, 128), batch=24)
 SMALL = dict(
     text=dict(vocab_size=32000, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4),
@@ -205,6 +206,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=12, help="timed steps after warm-up")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=["lora", "full"],
+        default=["lora", "full"],
+        help="one mode per process gives each its own CPU peak RSS",
+    )
     args = parser.parse_args(argv)
     register_resolvers()
     cuda = torch.cuda.is_available()
@@ -215,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         backbone_dir = write_backbone(shape, Path(tmp) / "backbone")
         batches = make_batches(shape, args.warmup + args.steps, shape["text"]["vocab_size"])
-        for mode, lora in (("LoRA r32", True), ("full", False)):
+        for mode, lora in [(name, lora) for name, lora, key in MODES if key in args.modes]:
             cfg = make_config(backbone_dir, shape, lora, precision)
             bare = run_bare(cfg, batches, args.warmup)
             _free()
@@ -245,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
             f"| {row['mode']} | {lit['trainable']:,} | {lit['samples_per_s']:.1f} | "
             f"{bare['samples_per_s']:.1f} | {row['ratio']:.3f} | {lit['peak_gib']:.2f} | {bare['peak_gib']:.2f} |"
         )
-    tag = "cuda" if cuda else "cpu"
+    tag = ("cuda" if cuda else "cpu") + ("" if len(args.modes) == 2 else "_" + args.modes[0])
     atomic_write_text(args.out / f"train_throughput_{tag}.md", "\n".join(lines) + "\n")
     atomic_write_json(args.out / f"train_throughput_{tag}.json", {"device": device, "shape": str(shape), "rows": rows})
     print("\n".join(lines))

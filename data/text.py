@@ -82,7 +82,7 @@ def random_deletion(text: str, probability: float, rng: random.Random | None = N
 
     The seed returned a list for one-word captions; this always returns a string.
     """
-    rng = rng or random._inst  # the module's generator, which Lightning seeds in every worker
+    rng = rng or random  # the module-level generator, which Lightning seeds in every worker
     words = text.split()
     if probability <= 0 or len(words) <= 1:
         return text

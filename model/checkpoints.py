@@ -41,6 +41,15 @@ class TinySiglipSpec:
     seed: int = 0
 
 
+#: architecture -> (text config, vision config, embedding width) -> randomly initialised dual encoder.
+TINY_ARCHITECTURES = {
+    "siglip": lambda text, vision, width: SiglipModel(SiglipConfig(text_config=text, vision_config=vision)),
+    "clip": lambda text, vision, width: CLIPModel(
+        CLIPConfig(text_config=text, vision_config=vision, projection_dim=width)
+    ),
+}
+
+
 def train_sentencepiece(captions: Iterable[str], out_prefix: Path, vocab_size: int) -> Path:
     """Train a BPE SentencePiece model with SigLIP's special tokens; return the `.model` path.
 
@@ -104,13 +113,9 @@ def write_tiny_checkpoint(
         )
         vision_config = dict(tower, image_size=spec.image_size, patch_size=spec.patch_size)
         torch.manual_seed(spec.seed)
-        if spec.architecture == "siglip":
-            model = SiglipModel(SiglipConfig(text_config=text_config, vision_config=vision_config))
-        elif spec.architecture == "clip":
-            config = CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=spec.hidden_size)
-            model = CLIPModel(config)
-        else:
-            raise ValueError(f"Unknown tiny architecture {spec.architecture!r}; valid: ['clip', 'siglip'].")
+        if spec.architecture not in TINY_ARCHITECTURES:
+            raise ValueError(f"Unknown tiny architecture {spec.architecture!r}; valid: {sorted(TINY_ARCHITECTURES)}.")
+        model = TINY_ARCHITECTURES[spec.architecture](text_config, vision_config, spec.hidden_size)
         with torch.no_grad():
             model.logit_scale.fill_(math.log(spec.logit_scale_init))
             if hasattr(model, "logit_bias"):

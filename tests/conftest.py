@@ -29,11 +29,11 @@ def compose_config(name: str, overrides: list[str] | None = None) -> DictConfig:
         return compose(config_name=name, overrides=overrides or [])
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> Path:
+def _tiny(tmp_path_factory, name: str, architecture: str) -> Path:
     from model.checkpoints import TinySiglipSpec, write_tiny_checkpoint
 
     spec = TinySiglipSpec(
+        architecture=architecture,
         hidden_size=32,
         intermediate_size=64,
         num_layers=1,
@@ -43,25 +43,19 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
         vocab_size=200,
         max_length=16,
     )
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", CAPTIONS, spec)
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / name, CAPTIONS, spec)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny SigLIP (image 32, patch 8, hidden 32) with a SentencePiece tokenizer, in the Hugging Face layout."""
+    return _tiny(tmp_path_factory, "tiny", "siglip")
 
 
 @pytest.fixture(scope="session")
 def tiny_clip_checkpoint(tmp_path_factory) -> Path:
-    from model.checkpoints import TinySiglipSpec, write_tiny_checkpoint
-
-    spec = TinySiglipSpec(
-        architecture="clip",
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=1,
-        num_heads=2,
-        image_size=32,
-        patch_size=8,
-        vocab_size=200,
-        max_length=16,
-    )
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny_clip", CAPTIONS, spec)
+    """The same as a CLIPModel, for the softmax code path."""
+    return _tiny(tmp_path_factory, "tiny_clip", "clip")
 
 
 @pytest.fixture(scope="session")

@@ -111,3 +111,19 @@ def test_clip_backbone_interpolates_positions_per_call_at_non_native_sizes(tiny_
     model = TBPS(backbone, interpolate_pos_encoding=True)
     assert model.encode_image(torch.randn(2, 3, 48, 16)).shape == (2, 32)
     assert model.logit_bias.item() == 0.0  # CLIP has no bias
+
+
+def test_random_word_deletion_keeps_a_string_and_at_least_one_word():
+    import random
+
+    from data.text import random_deletion
+
+    rng = random.Random(0)
+    assert random_deletion("áo", 0.9, rng) == "áo"  # the seed returned a list here
+    assert random_deletion("áo trắng quần đen", 0.0, rng) == "áo trắng quần đen"
+    outputs = [random_deletion("một người mặc áo trắng và quần đen", 0.99, rng) for _ in range(50)]
+    assert all(isinstance(o, str) and o for o in outputs)
+    shorter = [random_deletion("một người mặc áo trắng và quần đen", 0.3, rng) for _ in range(50)]
+    assert any(len(o.split()) < 8 for o in shorter) and all(
+        set(o.split()) <= set("một người mặc áo trắng và quần đen".split()) for o in shorter
+    )
