@@ -9,7 +9,6 @@ from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
@@ -19,6 +18,7 @@ from lightning_data import build_datamodule, data_config_problems, ensure_demo_a
 from lightning_models import TBPSLitModule, model_config_problems
 from utils.config import ConfigError, register_resolvers
 from utils.io import atomic_write_json
+from utils.metrics import chance_rank1
 
 log = logging.getLogger(__name__)
 register_resolvers()
@@ -59,13 +59,6 @@ def extra_callbacks(cfg: DictConfig) -> list[Callback]:
     return [EarlyStopping(**settings)]
 
 
-def chance_t2i_r1(query_pids: list[int], gallery_pids: list[int]) -> float:
-    """Expected t2i R1 (percent) of a random ranking: mean over queries of |relevant gallery| / |gallery|."""
-    gallery = torch.tensor(gallery_pids)
-    counts = (torch.tensor(query_pids).view(-1, 1) == gallery.view(1, -1)).sum(1).double()
-    return float(counts.mean() / len(gallery_pids) * 100)
-
-
 def train(cfg: DictConfig, run_dir: Path, run_name: str = "run", callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """Fit on the train split, select the best epoch on validation, test it.
 
@@ -91,7 +84,7 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str = "run", callbacks: Sequ
             ]
         )
     test = datamodule.splits.test
-    chance = chance_t2i_r1(test.caption_pids, test.image_pids)
+    chance = chance_rank1(test.caption_pids, test.image_pids)
     log.info("chance t2i R1: %.2f%%", chance)
 
     # epoch03-val_score29.37.ckpt (best on validation t2i R1) and last.ckpt. No "=" in the name (Lightning's
@@ -118,8 +111,13 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str = "run", callbacks: Sequ
     selection = "validation" if cfg.get("model_selection", "validation") == "validation" else "TEST (seed parity)"
     module.eval_labels["test"] = f" (checkpoint selected on {selection}: {best or 'final weights'})"
     trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
-    results = {**module.eval_results, "test_last": test_last, "chance_t2i_R1": chance, "best_checkpoint": best,
-               "model_selection": cfg.get("model_selection", "validation")}
+    results = {
+        **module.eval_results,
+        "test_last": test_last,
+        "chance_t2i_R1": chance,
+        "best_checkpoint": best,
+        "model_selection": cfg.get("model_selection", "validation"),
+    }
     if trainer.is_global_zero:
         atomic_write_json(run_dir / "results.json", results)
     return results
@@ -144,7 +142,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     eval_cfg = OmegaConf.merge(module.cfg, {"dataset": cfg.dataset, "dataset_root_dir": cfg.dataset_root_dir})
     datamodule = build_datamodule(eval_cfg, stage="test")
     test = datamodule.splits.test
-    chance = chance_t2i_r1(test.caption_pids, test.image_pids)
+    chance = chance_rank1(test.caption_pids, test.image_pids)
     log.info("Evaluating %s on %s; chance t2i R1: %.2f%%", checkpoint, cfg.dataset.dataset_name, chance)
     trainer = L.Trainer(default_root_dir=run_dir, logger=False, **cfg.trainer)
     trainer.test(module, datamodule=datamodule, verbose=False)

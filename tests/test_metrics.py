@@ -321,3 +321,10 @@ def test_query_without_relevant_gallery_item_raises():
 def test_invalid_inputs_raise(similarity, query_pids, gallery_pids, kwargs, message):
     with pytest.raises(ValueError, match=message):
         rank_metrics(similarity, query_pids, gallery_pids, **kwargs)
+
+
+def test_chance_rank1_is_the_mean_share_of_relevant_gallery_items():
+    from utils.metrics import chance_rank1
+
+    # Queries of pid 0 have 1 of 5 relevant items, pid 1 has 2 of 5, pid 2 has 1 of 5: mean (1+1+2+1)/4/5.
+    assert chance_rank1([0, 0, 1, 2], [0, 1, 1, 3, 2]) == pytest.approx(25.0)

@@ -7,7 +7,8 @@ import pytest
 
 from data.readers import read_dataset
 from tests.conftest import compose_config, demo_overrides
-from trainer import chance_t2i_r1, train
+from trainer import train
+from utils.metrics import chance_rank1
 
 
 @pytest.mark.parametrize("scoring", ["cosine", "dot"])
@@ -27,7 +28,7 @@ def test_short_demo_run_beats_chance_and_keeps_best_and_last_checkpoints(demo_ro
     cfg = compose_config("demo", demo_overrides(demo_root, "trainer.max_epochs=10", "dataset.batch_size=16"))
     results = train(cfg, tmp_path)
     test = read_dataset("VN3K_VI", demo_root).test
-    chance = chance_t2i_r1(test.caption_pids, test.image_pids)
+    chance = chance_rank1(test.caption_pids, test.image_pids)
     assert results["test"]["t2i"]["R1"] > 3 * chance, (results, chance)
     names = {p.name for p in Path(tmp_path, "checkpoints").iterdir()}
     assert "last.ckpt" in names and any(

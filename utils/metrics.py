@@ -344,3 +344,15 @@ def _check_every_query_has_a_match(query_pids: Tensor, gallery_pids: Tensor) -> 
             f"(first query indices {shown.tolist()}, pids {query_pids[shown].tolist()}); AP/INP are undefined. "
             "Check that queries and gallery come from the same split and share one pid mapping."
         )
+
+
+def chance_rank1(query_pids: Sequence[int], gallery_pids: Sequence[int]) -> float:
+    """R1 (percent) of a random ranking: the mean over queries of |relevant gallery items| / |gallery|.
+
+    Counts gallery items per pid, so it costs O(Q + G) rather than a Q x G comparison.
+    """
+    per_pid: dict[int, int] = {}
+    for pid in gallery_pids:
+        per_pid[int(pid)] = per_pid.get(int(pid), 0) + 1
+    hits = sum(per_pid.get(int(pid), 0) for pid in query_pids)
+    return 100.0 * hits / (len(query_pids) * len(gallery_pids))
