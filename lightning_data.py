@@ -11,16 +11,18 @@ from typing import Any
 import lightning as L
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader, DistributedSampler, default_collate
 
 from data.datasets import ImageDataset, ImageTextDataset, TextDataset
+from data.images import bad_images_problems, check_images
 from data.mlm import mask_tokens
-from data.readers import READERS, DatasetSplits, EvalSplit, read_dataset
-from data.samplers import IdentitySampler
+from data.readers import READERS, DatasetNotFoundError, DatasetSplits, EvalSplit, read_dataset
+from data.samplers import IdentitySampler, StridedShardSampler
 from data.splits import hold_out_identities
 from data.subsets import identity_fold, ten_percent_cuhk_vn3k_mix
 from data.text import CaptionTokenizer, random_deletion
 from data.transforms import AUGMENTATIONS, build_eval_transform, build_simclr_transform, build_train_transform
+from utils.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ def data_config_problems(cfg: DictConfig) -> list[str]:
             f"dataset.batch_size={data.batch_size} must be a multiple of dataset.num_instance={data.num_instance} "
             "with the identity sampler."
         )
+    issues += bad_images_problems(data.get("bad_images", "fail"))
     unknown_aug = sorted(set(cfg.aug.img.augment_cfg or {}) - set(AUGMENTATIONS))
     if unknown_aug:
         issues.append(f"aug.img.augment_cfg has unknown augmentation(s) {unknown_aug}; valid: {sorted(AUGMENTATIONS)}.")
@@ -93,6 +96,10 @@ class TBPSDataModule(L.LightningDataModule):
     """Reads the dataset named by `cfg.dataset.dataset_name` under `cfg.dataset_root_dir`.
 
     Evaluation loaders come in pairs: index 0 the image gallery, index 1 the caption queries.
+
+    Under data parallelism the module shards the data itself (the trainer runs with use_distributed_sampler=False):
+    training through a distributed identity sampler or torch's DistributedSampler, evaluation through strided shards
+    that cover every item exactly once.
     """
 
     def __init__(
@@ -132,16 +139,26 @@ class TBPSDataModule(L.LightningDataModule):
         val_identities = self.cfg.dataset.get("val_identities", 0)
         if splits.val is None and not evaluate_only:
             if not val_identities:
-                raise ValueError(
-                    f"{splits.name} under {splits.root} has no validation split, and checkpoints are selected on "
-                    "validation, never on test: set dataset.val_identities=<n> to hold out n training identities."
+                raise ConfigError(
+                    [
+                        f"{splits.name} under {splits.root} has no validation split, and checkpoints are selected on "
+                        "validation, never on test: set dataset.val_identities=<n> to hold out n training identities."
+                    ]
                 )
             splits = hold_out_identities(splits, val_identities, seed)
+        # After the fold and hold-out: only images that will be read are checked.
+        splits, _ = check_images(splits, self.cfg.dataset.get("bad_images", "fail"))
         self.splits = splits
 
     @property
     def num_train_ids(self) -> int:
         return self.splits.num_train_ids
+
+    def _replicas(self) -> tuple[int, int]:
+        """(world size, global rank) of the attached trainer; (1, 0) outside one."""
+        if self.trainer is None:
+            return 1, 0
+        return self.trainer.world_size, self.trainer.global_rank
 
     def _image_cfg(self) -> tuple[tuple[int, int], list[float], list[float]]:
         img = self.cfg.aug.img
@@ -171,6 +188,7 @@ class TBPSDataModule(L.LightningDataModule):
             persistent_workers=False,  # re-seeded from the main RNG each epoch: exact resume
             drop_last=True,
         )
+        world, rank = self._replicas()
         if data.sampler == "identity":
             sampler = IdentitySampler(
                 [s.pid for s in self.splits.train],
@@ -178,6 +196,14 @@ class TBPSDataModule(L.LightningDataModule):
                 data.batch_size,
                 data.num_instance,
                 seed=self.cfg.seed,
+                num_replicas=world,
+                rank=rank,
+            )
+            return DataLoader(dataset, sampler=sampler, **common)
+        if world > 1:
+            # The sampler Lightning itself would insert; its order is a function of (seed, epoch).
+            sampler = DistributedSampler(
+                dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.cfg.seed, drop_last=True
             )
             return DataLoader(dataset, sampler=sampler, **common)
         return DataLoader(dataset, shuffle=True, **common)
@@ -188,14 +214,19 @@ class TBPSDataModule(L.LightningDataModule):
         common = dict(
             batch_size=data.test_batch_size,
             num_workers=data.num_workers,
-            shuffle=False,
             persistent_workers=False,  # re-seeded from the main RNG each epoch: exact resume
         )
         gallery = ImageDataset(split.image_paths, split.image_pids, build_eval_transform(size, mean, std))
         queries = TextDataset(split.captions, split.caption_pids)
+        world, rank = self._replicas()
         return [
-            DataLoader(gallery, **common),
-            DataLoader(queries, collate_fn=partial(collate_text, tokenizer=self.tokenizer), **common),
+            DataLoader(gallery, sampler=StridedShardSampler(len(gallery), world, rank), **common),
+            DataLoader(
+                queries,
+                sampler=StridedShardSampler(len(queries), world, rank),
+                collate_fn=partial(collate_text, tokenizer=self.tokenizer),
+                **common,
+            ),
         ]
 
     def val_dataloader(self) -> list[DataLoader]:
@@ -234,7 +265,10 @@ def ensure_demo_assets(cfg: DictConfig) -> None:
         from model.checkpoints import TinySiglipSpec, write_tiny_checkpoint
 
         if not (root / "VN3K").is_dir():
-            raise FileNotFoundError(f"The tiny tokenizer is trained on {root / 'VN3K'}, which does not exist.")
+            raise DatasetNotFoundError(
+                f"The tiny tokenizer is trained on {root / 'VN3K'}, which does not exist: set dataset.synthetic "
+                "(the demo config does) or point dataset_root_dir at a folder holding VN3K/."
+            )
         write_tiny_checkpoint(cfg.backbone.path, all_captions(root / "VN3K"), TinySiglipSpec(**tiny))
 
 

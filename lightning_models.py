@@ -15,14 +15,15 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from data.datasets import load_rgb
-from model.backbone import load_backbone, needs_per_call_interpolation
+from model.backbone import image_size_problems, load_backbone, needs_per_call_interpolation
 from model.lora import LoraSettings, apply_lora
 from model.objectives import cosine_similarity, identity_mask
-from model.strategies import LossSettings, Objective, StepContext, TrainFeatures
+from model.strategies import LossSettings, Objective, StepContext, TrainFeatures, gathered
 from model.tbps import TBPS, Heads
 from solver.build import build_optimizer, optimizer_problems
 from solver.lr_scheduler import build_scheduler, scheduler_problems
 from utils.analysis import save_failure_gallery, save_similarity_histogram
+from utils.distributed import all_gather_with_grad, gather_strided_shards
 from utils.metrics import rank_metrics
 from utils.tables import results_table
 
@@ -43,6 +44,10 @@ def model_config_problems(cfg: DictConfig) -> list[str]:
             issues += LoraSettings.from_mapping(cfg.lora).problems()
         except ValueError as error:
             issues.append(str(error))
+    backbone = cfg.backbone
+    issues += image_size_problems(
+        backbone.path, backbone.image_size, patch_size=(backbone.get("tiny") or {}).get("patch_size")
+    )
     issues += optimizer_problems(cfg.optimizer)
     issues += scheduler_problems(cfg.scheduler)
     return issues
@@ -60,6 +65,10 @@ def pair_statistics(feats: TrainFeatures) -> dict[str, Tensor]:
         s_p = (sim * pos).sum() / pos.sum().clamp_min(1)
         s_n = (sim * neg).sum() / neg.sum().clamp_min(1)
     return {"s_p": s_p, "s_n": s_n, "s_gap": s_p - s_n}
+
+
+class NonFiniteLossError(RuntimeError):
+    """A training loss became NaN or infinite; raised before the optimizer step, so no weight is corrupted."""
 
 
 def rng_states() -> dict[str, Any]:
@@ -157,10 +166,13 @@ class TBPSLitModule(L.LightningModule):
     # ---------------------------------------------------------------- training
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         feats = self.model(batch, aug_view=self.objective.needs_aug_view, ss_views=self.objective.needs_ss_views)
+        if self.objective.settings.gather_features and self.trainer.world_size > 1:
+            feats = gathered(feats, all_gather_with_grad)
         steps_per_epoch = max(self.trainer.num_training_batches // self.trainer.accumulate_grad_batches, 1)
         context = StepContext(epoch=self.global_step / steps_per_epoch)
         terms = self.objective(feats, context)
         total = torch.stack(list(terms.values())).sum()
+        self._stop_if_not_finite(total, terms, batch_idx)
         batch_size = feats.pids.shape[0]
         self.log("train/total_loss", total, prog_bar=True, batch_size=batch_size)
         self.log_dict({f"train/{name}": value for name, value in terms.items()}, batch_size=batch_size)
@@ -169,6 +181,23 @@ class TBPSLitModule(L.LightningModule):
             stats["circle_weight"] = torch.tensor(self.objective.settings.circle_weight(context.epoch))
         self.log_dict({f"train/{name}": value.detach() for name, value in stats.items()}, batch_size=batch_size)
         return total
+
+    def _stop_if_not_finite(self, total: Tensor, terms: dict[str, Tensor], batch_idx: int) -> None:
+        """Stop before a NaN/inf loss reaches the weights; every rank takes the same decision (no DDP hang).
+
+        Costs one host synchronisation per step (plus one all-reduce of a flag under DDP).
+        """
+        finite = bool(torch.isfinite(total))
+        if self.trainer.world_size > 1:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
+            return
+        values = ", ".join(f"{name}={value.item():.4g}" for name, value in terms.items())
+        raise NonFiniteLossError(
+            f"non-finite training loss at global step {self.global_step} (epoch {self.current_epoch}, batch "
+            f"{batch_idx}, on at least one rank): {values}. Lower optimizer.lr or loss.circle_gamma, raise "
+            "loss.circle_margin, or train in bf16-mixed/32-true instead of 16-mixed; the last checkpoint is intact."
+        )
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = build_optimizer(self.cfg.optimizer, self.model)
@@ -188,24 +217,38 @@ class TBPSLitModule(L.LightningModule):
             feats = embed(batch["caption_input_ids"], batch.get("caption_attention_mask"))
         self._eval_feats[dataloader_idx].append((feats.float(), batch["pids"]))
 
+    def _eval_split(self, index: int) -> tuple[Tensor, Tensor]:
+        """Features and pids of the whole gallery (or query set), in dataset order, from every rank's shard."""
+        parts = self._eval_feats[index]
+        feats = torch.cat([f for f, _ in parts]) if parts else torch.empty(0, 0, device=self.device)
+        pids = torch.cat([p for _, p in parts]) if parts else torch.empty(0, dtype=torch.long, device=self.device)
+        if self.trainer.world_size > 1:
+            feats, pids = gather_strided_shards(feats), gather_strided_shards(pids)
+        return feats, pids
+
     def _eval_epoch_end(self, stage: str) -> None:
-        (image_feats, image_pids), (text_feats, text_pids) = (
-            (torch.cat([f for f, _ in self._eval_feats[i]]), torch.cat([p for _, p in self._eval_feats[i]]))
-            for i in (GALLERY, QUERIES)
-        )
+        (image_feats, image_pids), (text_feats, text_pids) = (self._eval_split(i) for i in (GALLERY, QUERIES))
         self._eval_feats = {GALLERY: [], QUERIES: []}
-        sim_t2i = text_feats @ image_feats.T  # (Q_text, G_image) cosine (or, with eval_scoring=dot, raw) scores
-        budget = int(self.cfg.get("eval_memory_budget_mb", 256)) * 2**20  # per query chunk of the ranking
-        results = {
-            "t2i": rank_metrics(sim_t2i, text_pids, image_pids, memory_budget_bytes=budget),
-            "i2t": rank_metrics(sim_t2i.T, image_pids, text_pids, memory_budget_bytes=budget),
-        }
+        results = sim_t2i = None
+        if self.trainer.is_global_zero:  # ranked once; every rank then logs the same numbers
+            sim_t2i = text_feats @ image_feats.T  # (Q_text, G_image) cosine (or, with eval_scoring=dot, raw) scores
+            budget = int(self.cfg.get("eval_memory_budget_mb", 256)) * 2**20  # per query chunk of the ranking
+            results = {
+                "t2i": rank_metrics(sim_t2i, text_pids, image_pids, memory_budget_bytes=budget),
+                "i2t": rank_metrics(sim_t2i.T, image_pids, text_pids, memory_budget_bytes=budget),
+            }
+        if self.trainer.world_size > 1:
+            results = self.trainer.strategy.broadcast(results, src=0)
         self.eval_results[stage] = results
-        self.log_dict({f"{stage}/{task}_{k}": v for task, metrics in results.items() for k, v in metrics.items()})
-        self.log(f"{stage}_score", results["t2i"]["R1"], prog_bar=stage == "val")
-        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+        # Identical on every rank; sync_dist only tells Lightning so (a mean of equal values).
+        self.log_dict(
+            {f"{stage}/{task}_{k}": v for task, metrics in results.items() for k, v in metrics.items()}, sync_dist=True
+        )
+        self.log(f"{stage}_score", results["t2i"]["R1"], prog_bar=stage == "val", sync_dist=True)
+        if sim_t2i is not None and not self.trainer.sanity_checking:
             self._save_pictures(stage, sim_t2i, text_pids, image_pids)
-        log.info("%s results%s:\n%s", stage.capitalize(), self.eval_labels.get(stage, ""), results_table(results))
+        if self.trainer.is_global_zero:
+            log.info("%s results%s:\n%s", stage.capitalize(), self.eval_labels.get(stage, ""), results_table(results))
 
     def _save_pictures(self, stage: str, sim_t2i: Tensor, text_pids: Tensor, image_pids: Tensor) -> None:
         """Similarity histogram (every evaluation) and, at test time, the failure gallery; PNGs in the run folder,

@@ -66,7 +66,7 @@ def export(checkpoint: Path, out_dir: Path) -> Path:
     register_resolvers()
     if not checkpoint.is_file():
         raise SystemExit(f"--export {checkpoint}: no such checkpoint file.")
-    module = TBPSLitModule.load_from_checkpoint(checkpoint, map_location="cpu")
+    module = TBPSLitModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
     cfg = module.cfg
     tokenizer = CaptionTokenizer.from_pretrained(
         cfg.tokenizer.pretrained_model_name_or_path, cfg.tokenizer.model_max_length

@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import logging
+import pickle
+import signal
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_data import build_datamodule, data_config_problems, ensure_demo_assets
 from lightning_models import TBPSLitModule, model_config_problems
 from utils.config import ConfigError, register_resolvers
-from utils.io import atomic_write_json
+from utils.errors import InputError
+from utils.io import atomic_write, atomic_write_json
 from utils.metrics import chance_rank1
 
 log = logging.getLogger(__name__)
@@ -33,6 +39,16 @@ def validate_config(cfg: DictConfig) -> None:
         problems.append(f"cannot resolve the config: {error}")
     else:
         problems += data_config_problems(cfg) + model_config_problems(cfg)
+    if "spawn" in str(cfg.trainer.get("strategy", "")):
+        problems.append(
+            f"trainer.strategy={cfg.trainer.strategy} keeps the results in the spawned processes; use "
+            "trainer.strategy=ddp (trainer=ddp or trainer=ddp_cpu)."
+        )
+    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
+        problems.append(
+            f"ckpt_path={cfg.ckpt_path!r} does not exist; pass a Lightning checkpoint such as "
+            "<run folder>/checkpoints/last.ckpt, or ckpt_path=null to start from the pretrained backbone."
+        )
     if problems:
         raise ConfigError(problems)
 
@@ -51,12 +67,54 @@ def build_logger(cfg: DictConfig, run_dir: Path, run_name: str) -> Logger:
     raise ConfigError([f"logger.type={cfg.logger.type!r} is unknown; valid: ['csv', 'wandb']."])
 
 
+def trainer_settings(cfg: DictConfig) -> dict[str, Any]:
+    """Keyword arguments of lightning.Trainer: the `trainer` group, with data sharding left to TBPSDataModule.
+
+    Lightning's own distributed sampler would split identity batches across ranks and pad evaluation sets with
+    repeated items; the data module shards both correctly itself.
+    """
+    return {**OmegaConf.to_container(cfg.trainer, resolve=True), "use_distributed_sampler": False}
+
+
 def extra_callbacks(cfg: DictConfig) -> list[Callback]:
     """Early stopping on the validation score when `early_stopping` is configured (`+early_stopping.patience=10`)."""
     if not cfg.get("early_stopping"):
         return []
     settings = {"monitor": "val_score", "mode": "max", **cfg.early_stopping}
     return [EarlyStopping(**settings)]
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file in their own folder, fsynced, then renamed over the target.
+
+    Lightning's fsspec transaction stages the file in $TMPDIR and, when that is another file system (node-local
+    /tmp, checkpoints on shared storage), copies it over the target in place: a kill mid-copy truncates last.ckpt.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):  # remote storage: Lightning's fsspec upload
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_write(path, lambda file: torch.save(checkpoint, file))
+        return None
+
+
+class ResumeHint(Callback):
+    """Says how to resume when training stops early (SIGTERM from a scheduler, Ctrl-C, a crash)."""
+
+    def __init__(self, latest: ModelCheckpoint):
+        self.latest = latest
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        last = Path(self.latest.dirpath) / "last.ckpt"
+        if trainer.is_global_zero and last.is_file():
+            log.error(
+                "Training stopped at epoch %d, step %d (%s). Resume from the last completed epoch with the same "
+                "command plus ckpt_path=%s",
+                trainer.current_epoch,
+                trainer.global_step,
+                type(exception).__name__,
+                last,
+            )
 
 
 def train(cfg: DictConfig, run_dir: Path, run_name: str = "run", callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
@@ -87,35 +145,48 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str = "run", callbacks: Sequ
     chance = chance_rank1(test.caption_pids, test.image_pids)
     log.info("chance t2i R1: %.2f%%", chance)
 
-    # epoch03-val_score29.37.ckpt (best on validation t2i R1) and last.ckpt. No "=" in the name (Lightning's
-    # default): Hydra would then need the path quoted in `ckpt_path=...`.
-    checkpoint = ModelCheckpoint(
+    # epoch03-val_score29.37.ckpt (best on validation t2i R1). No "=" in the name (Lightning's default): Hydra would
+    # then need the path quoted in `ckpt_path=...`.
+    best = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="epoch{epoch:02d}-val_score{val_score:.2f}",
         auto_insert_metric_name=False,
         **cfg.logger.checkpoint,
     )
+    # last.ckpt, rewritten after every epoch: the resume point. Lightning's save_last only refreshes it in epochs
+    # that also save a best checkpoint, so after a plateau it would hold an old epoch.
+    latest = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", filename="last", monitor=None, save_top_k=1, enable_version_counter=False
+    )
     trainer = L.Trainer(
         default_root_dir=run_dir,
         logger=build_logger(cfg, run_dir, run_name),
-        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"), *extra_callbacks(cfg), *callbacks],
-        **cfg.trainer,
+        plugins=[AtomicCheckpointIO()],
+        callbacks=[
+            best,
+            latest,
+            ResumeHint(latest),
+            LearningRateMonitor(logging_interval="step"),
+            *extra_callbacks(cfg),
+            *callbacks,
+        ],
+        **trainer_settings(cfg),
     )
     if cfg.eval_before_train:
         trainer.validate(module, datamodule=datamodule, verbose=False)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     module.eval_labels["test"] = " (last epoch)"
     trainer.test(module, datamodule=datamodule, verbose=False)
     test_last = module.eval_results["test"]
-    best = checkpoint.best_model_path or None
+    best_path = best.best_model_path or None
     selection = "validation" if cfg.get("model_selection", "validation") == "validation" else "TEST (seed parity)"
-    module.eval_labels["test"] = f" (checkpoint selected on {selection}: {best or 'final weights'})"
-    trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+    module.eval_labels["test"] = f" (checkpoint selected on {selection}: {best_path or 'final weights'})"
+    trainer.test(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)
     results = {
         **module.eval_results,
         "test_last": test_last,
         "chance_t2i_R1": chance,
-        "best_checkpoint": best,
+        "best_checkpoint": best_path,
         "model_selection": cfg.get("model_selection", "validation"),
     }
     if trainer.is_global_zero:
@@ -138,13 +209,21 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 "ckpt_path=<run folder>/checkpoints/<name>.ckpt."
             ]
         )
-    module = TBPSLitModule.load_from_checkpoint(checkpoint, map_location="cpu")
+    try:
+        module = TBPSLitModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as error:
+        raise ConfigError(
+            [
+                f"ckpt_path={str(checkpoint)!r} is not a readable TBPS checkpoint ({type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else ''}); pass a .ckpt written by trainer.py."
+            ]
+        ) from error
     eval_cfg = OmegaConf.merge(module.cfg, {"dataset": cfg.dataset, "dataset_root_dir": cfg.dataset_root_dir})
     datamodule = build_datamodule(eval_cfg, stage="test")
     test = datamodule.splits.test
     chance = chance_rank1(test.caption_pids, test.image_pids)
     log.info("Evaluating %s on %s; chance t2i R1: %.2f%%", checkpoint, cfg.dataset.dataset_name, chance)
-    trainer = L.Trainer(default_root_dir=run_dir, logger=False, **cfg.trainer)
+    trainer = L.Trainer(default_root_dir=run_dir, logger=False, **trainer_settings(cfg))
     trainer.test(module, datamodule=datamodule, verbose=False)
     results = {
         **module.eval_results,
@@ -168,11 +247,19 @@ def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     name = cfg.logger.experiment_name or run_name_of(hydra_cfg.job.config_name or "run", hydra_cfg.overrides.task)
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    if cfg.get("train", True):
-        train(cfg, run_dir, name)
-    else:
-        validate_config(cfg)
-        evaluate(cfg, run_dir)
+    try:
+        if cfg.get("train", True):
+            train(cfg, run_dir, name)
+        else:
+            validate_config(cfg)
+            evaluate(cfg, run_dir)
+    except InputError as error:
+        # Bad config, dataset or checkpoint: the message names the file or field and the fix; no traceback.
+        log.error("%s", error)
+        raise SystemExit(2) from None
+    except SIGTERMException:
+        # Lightning stops cleanly on SIGTERM but exits 0; a scheduler must see that the job did not finish.
+        raise SystemExit(128 + signal.SIGTERM) from None
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from data.datasets import ImageNotFoundError
+from data.images import check_images
 from data.readers import READERS, DatasetFormatError, read_dataset
 
 #: One reader per dataset folder is enough to check it (the VN3K variants share VN3K/).
@@ -16,12 +18,16 @@ CHECKED = ("CUHK-PEDES", "ICFG-PEDES", "RSTPReid", "VN3K_VI")
 
 
 def check_dataset(name: str, root: Path) -> tuple[str, str]:
-    """Return (status, detail): status is `ok`, `missing` or `malformed`."""
+    """Return (status, detail): status is `ok`, `missing` or `malformed` (bad annotation or missing image files)."""
     try:
         splits = read_dataset(name, root)
     except FileNotFoundError as error:
         return "missing", str(error)
     except (DatasetFormatError, ValueError) as error:
+        return "malformed", str(error)
+    try:
+        check_images(splits, "fail")
+    except ImageNotFoundError as error:
         return "malformed", str(error)
     rows = ", ".join(
         f"{subset} {ids} ids / {images} images / {captions} captions"

@@ -14,24 +14,39 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from data.readers import TrainSample
+from utils.errors import InputError
 
 ImageTransform = Callable[[Image.Image], torch.Tensor]
+
+
+class ImageReadError(InputError, OSError):
+    """An image file referenced by the annotation cannot be decoded."""
+
+
+class ImageNotFoundError(ImageReadError, FileNotFoundError):
+    """An image file referenced by the annotation does not exist."""
+
+
+#: How to get past bad image files (the end of every image error message).
+BAD_IMAGE_FIX = "fix the file, or set dataset.bad_images=skip to drop unreadable images and count them"
 
 
 def load_rgb(path: Path) -> Image.Image:
     """Loads an image as RGB, failing once with the path instead of retrying (the seed retried forever).
 
     Raises:
-        FileNotFoundError: The file does not exist.
-        OSError: The file exists but cannot be decoded.
+        ImageNotFoundError: The file does not exist.
+        ImageReadError: The file exists but PIL cannot decode it.
     """
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"image {path} not found; check the dataset's imgs/ folder and annotation") from err
-    except OSError as err:
-        raise OSError(f"cannot read image {path} ({err}); replace the file or remove its record") from err
+        raise ImageNotFoundError(f"image {path} not found; {BAD_IMAGE_FIX}") from err
+    # PIL reports undecodable files as OSError (UnidentifiedImageError, truncation) but also as SyntaxError,
+    # ValueError or DecompressionBombError depending on the format.
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ImageReadError(f"cannot read image {path} ({err}); {BAD_IMAGE_FIX}") from err
 
 
 class ImageTextDataset(Dataset):

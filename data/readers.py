@@ -18,13 +18,23 @@ from typing import Any
 
 from prettytable import PrettyTable
 
+from utils.errors import InputError
+
 log = logging.getLogger(__name__)
 
 IMAGE_DIR = "imgs"
 
 
-class DatasetFormatError(ValueError):
+class DatasetFormatError(InputError):
     """An annotation file does not match the expected layout."""
+
+
+class DatasetNotFoundError(InputError, FileNotFoundError):
+    """The dataset folder, its ``imgs/`` folder or its annotation file does not exist."""
+
+
+class UnknownDatasetError(InputError):
+    """A dataset name that is not a key of ``READERS``."""
 
 
 @dataclass(frozen=True)
@@ -71,9 +81,9 @@ class EvalSplit:
         # A query without any relevant gallery image has undefined recall/mAP (the seed's rank() crashed on it).
         orphans = sorted(set(self.caption_pids) - set(self.image_pids))
         if orphans:
-            raise ValueError(
+            raise DatasetFormatError(
                 f"query pids {orphans[:10]} ({len(orphans)} in all) have no gallery image; every query needs at "
-                "least one image of the same person in the gallery"
+                "least one image of the same person in the gallery: add one, or remove those captions"
             )
 
 
@@ -147,14 +157,14 @@ def _locate(name: str, layout: _Layout, root: Path) -> tuple[Path, Path]:
     annotation = folder / layout.annotation
     expected = f"the {name} annotation file {layout.annotation} and the images under {IMAGE_DIR}/"
     if not folder.is_dir():
-        raise FileNotFoundError(
+        raise DatasetNotFoundError(
             f"dataset folder {folder} not found: put {expected} there, or point the dataset root at the folder "
             f"that contains {layout.folder}/"
         )
     if not (folder / IMAGE_DIR).is_dir():
-        raise FileNotFoundError(f"image folder {folder / IMAGE_DIR} not found: put the {name} images there")
+        raise DatasetNotFoundError(f"image folder {folder / IMAGE_DIR} not found: put the {name} images there")
     if not annotation.is_file():
-        raise FileNotFoundError(f"annotation file {annotation} not found: put the {name} {layout.annotation} there")
+        raise DatasetNotFoundError(f"annotation file {annotation} not found: put the {name} {layout.annotation} there")
     return folder, annotation
 
 
@@ -166,9 +176,14 @@ def _load_json_list(annotation: Path) -> list[Any]:
         raise DatasetFormatError(
             f"{annotation}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}; fix the file there"
         ) from err
+    except UnicodeDecodeError as err:
+        raise DatasetFormatError(
+            f"{annotation}: not UTF-8 text (byte {err.start}: {err.reason}); re-save the file as UTF-8"
+        ) from err
     if not isinstance(data, list):
         raise DatasetFormatError(
-            f"{annotation}: top level must be a JSON list of image records, got {type(data).__name__}"
+            f"{annotation}: top level must be a JSON list of image records, got {type(data).__name__}; "
+            "write the records as [{...}, {...}]"
         )
     return data
 
@@ -180,7 +195,8 @@ def _field(record: dict[str, Any], key: str, expected: type, where: str) -> Any:
     value = record[key]
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         raise DatasetFormatError(
-            f"{where}: key '{key}' must be {expected.__name__}, got {type(value).__name__} {value!r:.60}"
+            f"{where}: key '{key}' must be {expected.__name__}, got {type(value).__name__} {value!r:.60}; "
+            "fix the record"
         )
     return value
 
@@ -192,7 +208,9 @@ def _captions(record: dict[str, Any], key: str, where: str) -> list[str]:
     """
     captions = _field(record, key, list, where)
     if not captions:
-        raise DatasetFormatError(f"{where}: key '{key}' must be a non-empty list of captions, got []")
+        raise DatasetFormatError(
+            f"{where}: key '{key}' must be a non-empty list of captions, got []; add a caption or remove the record"
+        )
     for i, caption in enumerate(captions):
         if not isinstance(caption, str) or not caption.strip():
             raise DatasetFormatError(
@@ -206,12 +224,14 @@ def _parse(raw: Any, index: int, annotation: Path, layout: _Layout, image_dir: P
     """Validates one raw record and returns its split value with the parsed record."""
     where = f"{annotation}: record {index}"
     if not isinstance(raw, dict):
-        raise DatasetFormatError(f"{where}: must be a JSON object, got {type(raw).__name__}")
+        raise DatasetFormatError(f"{where}: must be a JSON object, got {type(raw).__name__}; fix or remove it")
     raw_id = _field(raw, "id", int, where)
     where = f"{where} (id={raw_id})"
     path = _field(raw, layout.path_key, str, where)
     if not path.strip():
-        raise DatasetFormatError(f"{where}: key '{layout.path_key}' must be a non-empty image path under imgs/")
+        raise DatasetFormatError(
+            f"{where}: key '{layout.path_key}' must be a non-empty image path under imgs/; fix the record"
+        )
     captions = [caption for key in layout.caption_keys for caption in _captions(raw, key, where)]
     split = _field(raw, "split", str, where)
     return split, _Record(raw_id, image_dir / path, captions)
@@ -288,10 +308,12 @@ def read_dataset(name: str, root: str | Path, *, require_train: bool = True) -> 
         The validated train, validation and test splits.
 
     Raises:
-        ValueError: ``name`` is not a registered dataset.
-        FileNotFoundError: The dataset folder, ``imgs/`` or the annotation file is missing.
+        UnknownDatasetError: ``name`` is not a registered dataset.
+        DatasetNotFoundError: The dataset folder, ``imgs/`` or the annotation file is missing.
         DatasetFormatError: The annotation file is malformed.
     """
     if name not in READERS:
-        raise ValueError(f"unknown dataset '{name}'; valid names: {sorted(READERS)}")
+        raise UnknownDatasetError(
+            f"unknown dataset '{name}'; set dataset.dataset_name to one of the valid names: {sorted(READERS)}"
+        )
     return READERS[name](Path(root), require_train=require_train)

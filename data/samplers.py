@@ -23,24 +23,43 @@ class IdentitySampler(torch.utils.data.Sampler[int]):
     The number of batches depends only on how many chunks each identity has, not on the shuffle, so ``len()`` is
     exact and the same every epoch: the largest B with ``sum_i min(chunks_i, B) >= P * B``.
 
+    Distributed (``num_replicas`` W > 1): the sampler builds the global batches of W * P distinct identities and
+    rank r takes the r-th group of P identities of each. Ranks thus hold disjoint identities at every step and the
+    same number of batches, and the union of their step-t batches is the step-t batch of a single process sampling
+    W times the batch size with the same seed.
+
     Args:
         pids: Person id of every dataset index.
         image_ids: Image id of every dataset index (captions of one image share it).
-        batch_size: Indices per batch; yielded indices come in consecutive full batches.
+        batch_size: Indices per batch (per rank); yielded indices come in consecutive full batches.
         num_instance: K, samples per identity in a batch.
         seed: Base seed; the order is a function of ``(seed, epoch)`` only.
+        num_replicas: W, data-parallel processes.
+        rank: This process's index in [0, W).
     """
 
     def __init__(
-        self, pids: Sequence[int], image_ids: Sequence[int], batch_size: int, num_instance: int, seed: int = 0
+        self,
+        pids: Sequence[int],
+        image_ids: Sequence[int],
+        batch_size: int,
+        num_instance: int,
+        seed: int = 0,
+        *,
+        num_replicas: int = 1,
+        rank: int = 0,
     ) -> None:
         if len(pids) != len(image_ids):
             raise ValueError(f"pids and image_ids must have the same length, got {len(pids)} and {len(image_ids)}")
         if num_instance <= 0 or batch_size <= 0 or batch_size % num_instance:
             raise ValueError(f"batch_size ({batch_size}) must be a positive multiple of num_instance ({num_instance})")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, num_replicas={num_replicas}), got {rank}")
         self.batch_size = batch_size
         self.num_instance = num_instance
-        self.ids_per_batch = batch_size // num_instance
+        self.ids_per_rank = batch_size // num_instance
+        self.ids_per_batch = self.ids_per_rank * num_replicas  # distinct identities in one global batch
+        self.rank = rank
         self.seed = seed
         self.epoch = 0
         # pid -> image_id -> dataset indices, in first-seen order so the grouping itself is deterministic.
@@ -51,7 +70,8 @@ class IdentitySampler(torch.utils.data.Sampler[int]):
         if len(self._groups) < self.ids_per_batch:
             raise ValueError(
                 f"IdentitySampler needs at least {self.ids_per_batch} identities for one batch "
-                f"(batch_size {batch_size} / num_instance {num_instance}), but the data has {len(self._groups)}"
+                f"(batch_size {batch_size} / num_instance {num_instance} x {num_replicas} processes), "
+                f"but the data has {len(self._groups)}"
             )
         chunk_counts = [max(sum(map(len, images)), num_instance) // num_instance for images in self._groups]
         self.num_batches = _max_batches(chunk_counts, self.ids_per_batch)
@@ -74,8 +94,9 @@ class IdentitySampler(torch.utils.data.Sampler[int]):
         ][: self.num_batches * self.ids_per_batch]
         # Dealing chunk k to batch k % B puts an identity's (at most B, consecutive) chunks in distinct batches.
         batches = [chunks[b :: self.num_batches] for b in range(self.num_batches)]
+        mine = slice(self.rank * self.ids_per_rank, (self.rank + 1) * self.ids_per_rank)
         for b in rng.permutation(self.num_batches):
-            yield from chain.from_iterable(batches[b])
+            yield from chain.from_iterable(batches[b][mine])
 
     def _identity_chunks(self, images: list[list[int]], rng: np.random.Generator) -> list[list[int]]:
         """Shuffles one identity's samples into chunks of K, spreading each chunk over distinct images."""
@@ -105,3 +126,22 @@ def _max_batches(chunk_counts: Sequence[int], ids_per_batch: int) -> int:
         else:
             high = mid - 1
     return low
+
+
+class StridedShardSampler(torch.utils.data.Sampler[int]):
+    """Rank r of W evaluates items r, r + W, r + 2W, ... of a dataset: every item exactly once, nothing padded.
+
+    (torch's DistributedSampler repeats items to even out the shards, which would count some queries twice.)
+    `utils.distributed.gather_strided_shards` puts the gathered features back in dataset order.
+    """
+
+    def __init__(self, dataset_size: int, num_replicas: int, rank: int) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, num_replicas={num_replicas}), got {rank}")
+        self.indices = range(rank, dataset_size, num_replicas)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)

@@ -12,6 +12,7 @@ import logging
 import random
 
 from data.readers import DatasetSplits, EvalSplit, TrainSample
+from utils.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ def hold_out_identities(splits: DatasetSplits, num_identities: int, seed: int) -
     """
     train_ids = sorted({sample.pid for sample in splits.train})
     if not 0 < num_identities < len(train_ids):
-        raise ValueError(
+        raise InputError(
             f"dataset.val_identities={num_identities} must be between 1 and {len(train_ids) - 1} "
             f"(the training split of {splits.name} has {len(train_ids)} identities)."
         )

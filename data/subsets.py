@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 from data.readers import DatasetSplits, TrainSample, read_dataset
+from utils.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ def identity_fold(splits: DatasetSplits, proportion: float, fold_id: int, seed: 
     """
     num_folds = int(1 / proportion)
     if not 0 < proportion < 1 or not 0 <= fold_id < num_folds:
-        raise ValueError(
+        raise InputError(
             f"dataset.proportion={proportion} and dataset.fold_id={fold_id}: proportion must be in (0, 1) and "
             f"fold_id in [0, {num_folds - 1}]."
         )
@@ -35,7 +36,7 @@ def identity_fold(splits: DatasetSplits, proportion: float, fold_id: int, seed: 
     random.Random(seed).shuffle(identities)
     size = int(len(identities) * proportion)
     if size == 0:
-        raise ValueError(f"dataset.proportion={proportion} leaves no identity of {len(identities)} in a fold.")
+        raise InputError(f"dataset.proportion={proportion} leaves no identity of {len(identities)} in a fold.")
     kept = set(identities[fold_id * size : (fold_id + 1) * size])
     train = _remap([s for s in splits.train if s.pid in kept])
     log.info(

@@ -17,6 +17,18 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from utils.errors import InputError
+
+#: How to point at a usable tokenizer (the end of every TokenizerError message).
+TOKENIZER_FIX = (
+    "set tokenizer.pretrained_model_name_or_path to the checkpoint folder that holds the tokenizer files "
+    "(spiece.model / tokenizer.json and tokenizer_config.json), e.g. the one `uv run prepare_checkpoints.py` writes"
+)
+
+
+class TokenizerError(InputError):
+    """The tokenizer folder is missing or its files cannot be loaded."""
+
 
 def normalize_caption(text: str) -> str:
     """NFC-normalise and collapse whitespace."""
@@ -35,7 +47,10 @@ class CaptionTokenizer:
                 out; set True to mask pads as the seed did.
         """
         if tokenizer.pad_token_id is None:
-            raise ValueError(f"Tokenizer {type(tokenizer).__name__} has no pad token; SigLIP pads with </s>.")
+            raise TokenizerError(
+                f"Tokenizer {type(tokenizer).__name__} ({tokenizer.name_or_path}) has no pad token; SigLIP pads with "
+                f"</s>: {TOKENIZER_FIX}."
+            )
         tokenizer.padding_side = "right"
         self.tokenizer = tokenizer
         self.max_length = max_length
@@ -43,7 +58,20 @@ class CaptionTokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, max_length: int, **kwargs) -> CaptionTokenizer:
-        return cls(AutoTokenizer.from_pretrained(str(path)), max_length, **kwargs)
+        """Load the tokenizer saved in the local folder `path` (never the hub: checkpoints are prepared offline).
+
+        Raises:
+            TokenizerError: `path` is not a folder, or its tokenizer files are missing or corrupt.
+        """
+        if not Path(path).is_dir():
+            raise TokenizerError(f"Tokenizer folder {path} does not exist; {TOKENIZER_FIX}.")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
+        # Missing files surface as ValueError/OSError, a corrupt spiece.model as RuntimeError, bad JSON as ValueError.
+        except (OSError, ValueError, RuntimeError) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise TokenizerError(f"Cannot load the tokenizer in {path} ({reason}); {TOKENIZER_FIX}.") from error
+        return cls(tokenizer, max_length, **kwargs)
 
     @property
     def vocab_size(self) -> int:

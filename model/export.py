@@ -151,7 +151,8 @@ def load_exported(path: str | Path) -> PreTrainedModel:
     config = AutoConfig.from_pretrained(path)
     grid = getattr(config.vision_config, GRID_FIELD, None)
     if grid is None:
-        return AutoModel.from_pretrained(path)
+        # export_model writes safetensors only; refusing pickled `.bin` weights means loading never runs pickled code.
+        return AutoModel.from_pretrained(path, use_safetensors=True)
     if not (path / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"{path} has no {WEIGHTS_FILE}; rectangular exports are written as one file.")
     model = AutoModel.from_config(config)

@@ -25,6 +25,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from torch import nn
 from transformers import PreTrainedModel
 
+from utils.errors import InputError
+
 log = logging.getLogger(__name__)
 
 #: The attention projections of both towers. A bare `out_proj` suffix would also match the vision pooling head's
@@ -34,6 +36,14 @@ SELF_ATTENTION_PATTERN = r".*\.self_attn\.(q_proj|k_proj|v_proj|out_proj)"
 BIAS_MODES = ("none", "all", "lora_only")
 #: SigLIP's temperature and bias (CLIP has only the first). PEFT freezes them with the other base weights.
 LOGIT_PARAMETERS = ("logit_scale", "logit_bias")
+
+
+class LoraConfigError(InputError):
+    """The `lora` config group is invalid or its `target_modules` do not fit the backbone."""
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -52,12 +62,12 @@ class LoraSettings:
         """Build the settings from a config mapping (a dict or an OmegaConf `DictConfig`).
 
         Raises:
-            ValueError: for keys that are not fields, naming the valid ones.
+            LoraConfigError: for keys that are not fields, naming the valid ones.
         """
         valid = [field.name for field in fields(cls)]
         unknown = sorted(set(values) - set(valid))
         if unknown:
-            raise ValueError(f"Unknown lora config keys {unknown}; valid keys: {valid}.")
+            raise LoraConfigError(f"Unknown lora config keys {unknown}; valid keys: {valid}.")
         settings = dict(values)
         targets = settings.get("target_modules")
         if targets is not None and not isinstance(targets, str):
@@ -67,11 +77,11 @@ class LoraSettings:
     def problems(self) -> list[str]:
         """Every invalid value, one message each; empty when the settings are usable."""
         issues = []
-        if not isinstance(self.r, int) or self.r <= 0:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             issues.append(f"lora.r must be a positive integer, got {self.r!r}.")
-        if self.lora_alpha <= 0:
+        if not _is_number(self.lora_alpha) or self.lora_alpha <= 0:
             issues.append(f"lora.lora_alpha must be positive, got {self.lora_alpha!r}.")
-        if not 0.0 <= self.lora_dropout < 1.0:
+        if not _is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
             issues.append(f"lora.lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         if self.bias not in BIAS_MODES:
             issues.append(f"lora.bias must be one of {list(BIAS_MODES)}, got {self.bias!r}.")
@@ -107,6 +117,16 @@ def has_lora(module: nn.Module) -> bool:
     return any(isinstance(sub, BaseTunerLayer) for sub in module.modules())
 
 
+def linear_module_names(module: nn.Module, limit: int = 8) -> list[str]:
+    """Up to `limit` distinct Linear layer names of `module`, layer indices written as `N` (for error messages)."""
+    names: list[str] = []
+    for name, sub in module.named_modules():
+        generic = re.sub(r"\.\d+\.", ".N.", name)
+        if isinstance(sub, nn.Linear) and generic not in names:
+            names.append(generic)
+    return names[:limit]
+
+
 def apply_lora(backbone: PreTrainedModel, settings: LoraSettings) -> PreTrainedModel:
     """Inject LoRA adapters into `backbone` in place and freeze every other backbone weight.
 
@@ -123,19 +143,19 @@ def apply_lora(backbone: PreTrainedModel, settings: LoraSettings) -> PreTrainedM
         The same `backbone` object, now holding the adapters.
 
     Raises:
-        ValueError: for invalid settings, a backbone that already has adapters, targets that match a non-Linear
-            module, or targets that match no Linear layer.
+        LoraConfigError: for invalid settings, a backbone that already has adapters, targets that match a
+            non-Linear module, or targets that match no Linear layer (the message lists real Linear layer names).
     """
     issues = settings.problems()
     if has_lora(backbone):
         issues.append(f"{type(backbone).__name__} already has LoRA adapters; apply_lora must run once per backbone.")
     if issues:
-        raise ValueError("Invalid LoRA setup:\n" + "\n".join(issues))
+        raise LoraConfigError("Invalid LoRA setup:\n" + "\n".join(issues))
     pattern = settings.peft_config()
     matched = {name: module for name, module in backbone.named_modules() if check_target_module_exists(pattern, name)}
     not_linear = {name: type(module).__name__ for name, module in matched.items() if not isinstance(module, nn.Linear)}
     if not_linear:
-        raise ValueError(
+        raise LoraConfigError(
             f"lora.target_modules {settings.target_modules} matches modules that are not Linear layers: "
             f"{not_linear}; narrow the pattern to Linear leaves such as q_proj, k_proj, v_proj, out_proj, fc1, fc2."
         )
@@ -144,9 +164,10 @@ def apply_lora(backbone: PreTrainedModel, settings: LoraSettings) -> PreTrainedM
     ]
     inside_mha = sorted(name for name in matched if name.startswith(tuple(attention_prefixes)))
     if len(inside_mha) == len(matched):
-        raise ValueError(
+        raise LoraConfigError(
             f"lora.target_modules {settings.target_modules} matches no adaptable Linear layer of "
-            f"{type(backbone).__name__}; use e.g. {SELF_ATTENTION_PATTERN}."
+            f"{type(backbone).__name__}, whose Linear layers include {linear_module_names(backbone)}; "
+            f"use e.g. {SELF_ATTENTION_PATTERN}."
         )
     if inside_mha:
         log.info(

@@ -88,6 +88,8 @@ class LossSettings:
     mlm_loss_weight: float = 1.0
     mlm_probability: float = 0.15
     cmt_depth: int = 4  # layers of the MLM cross-modal transformer
+    # Distributed training: every contrastive / Circle term sees the features of all ranks (TBPS-CLIP, OpenCLIP).
+    gather_features: bool = False
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> LossSettings:
@@ -179,6 +181,29 @@ class StepContext:
 
 
 Term = Callable[[TrainFeatures, LossSettings, StepContext], dict[str, Tensor]]
+
+#: Per-sample fields a global batch is made of. MLM logits stay local: (B, L, vocab) is too large to gather and
+#: masked-token prediction has no negatives to gain; its term is averaged across ranks by DDP like any local loss.
+GATHERED_FIELDS = (
+    "image_feats",
+    "text_feats",
+    "pids",
+    "aug_image_feats",
+    "ss_feats_a",
+    "ss_feats_b",
+    "id_logits_image",
+    "id_logits_text",
+)
+
+
+def gathered(feats: TrainFeatures, all_gather: Callable[[Tensor], Tensor]) -> TrainFeatures:
+    """The global batch: `all_gather` concatenates a (B, ...) tensor of every rank into (world * B, ...).
+
+    With an autograd-aware gather (each rank's gradient summed back to its shard) and DDP's gradient averaging,
+    the parameter update equals that of one process computing the loss on the concatenated batch.
+    """
+    changes = {name: all_gather(value) for name in GATHERED_FIELDS if (value := getattr(feats, name)) is not None}
+    return dataclasses.replace(feats, **changes)
 
 
 def _views(feats: TrainFeatures, settings: LossSettings) -> list[Tensor]:

@@ -75,6 +75,9 @@ class TBPS(nn.Module):
             num_heads = int(backbone.config.text_config.num_attention_heads)
             vocab = int(backbone.config.text_config.vocab_size)
             self.mlm_head = CrossModalMLMHead(text_width, vocab, num_heads=num_heads, depth=heads.mlm_depth)
+        # from_pretrained returns the backbone in eval mode and Lightning keeps submodule modes as it finds them:
+        # without this the towers would train with dropout off (and warn "modules in eval mode").
+        self.train()
 
     @property
     def logit_scale(self) -> Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +22,14 @@ from torch import Tensor
 from data.text import CaptionTokenizer
 from data.transforms import build_eval_transform
 from model.tbps import TBPS
+from utils.errors import InputError
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
 #: Files whose bytes define an exported model's embeddings (weights, possibly sharded, and the architecture).
 FINGERPRINT_PATTERNS = ("config.json", "*.safetensors", "*.bin")
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(InputError):
     """The model path is neither a Lightning checkpoint nor an exported model folder."""
 
 
@@ -75,7 +77,15 @@ def _load_checkpoint(path: Path, device: torch.device, text_attention_mask: bool
     from utils.config import register_resolvers
 
     register_resolvers()
-    module = TBPSLitModule.load_from_checkpoint(path, map_location="cpu")
+    try:
+        # weights_only: tensors and plain containers only; a checkpoint that needs arbitrary classes is refused
+        # instead of unpickled (which could run code). Explicit, so TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot undo it.
+        module = TBPSLitModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ModelSourceError(
+            f"--model {path} holds objects other than tensors and plain containers, so it is not loaded (that would "
+            "run pickled code); pass a checkpoint written by `trainer.py` or an exported folder."
+        ) from err
     cfg = module.cfg
     mask = cfg.tokenizer.get("use_attention_mask", False) if text_attention_mask is None else text_attention_mask
     tokenizer = CaptionTokenizer.from_pretrained(

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -25,7 +26,8 @@ from tqdm import tqdm
 
 from data.datasets import load_rgb
 from search_app.encoder import SearchEncoder, fingerprint, load_encoder, same_weights
-from utils.io import atomic_write_json
+from utils.errors import InputError
+from utils.io import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,7 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
 
-class SearchIndexError(ValueError):
+class SearchIndexError(InputError):
     """An image folder or index folder cannot be used; the message names it and the fix."""
 
 
@@ -74,9 +76,18 @@ class SearchIndex:
                 f"{index_dir} holds no {MANIFEST}; build it with "
                 f"`search.py index IMAGES --index {index_dir} --model MODEL`."
             )
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        embeddings = load_file(index_dir / manifest["embeddings_file"])["embeddings"]
-        entries = [ImageEntry(**entry) for entry in manifest["files"]]
+        rebuild = f"delete {index_dir} and index again"
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            embeddings_path = index_dir / manifest["embeddings_file"]
+            entries = [ImageEntry(**entry) for entry in manifest["files"]]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+            raise SearchIndexError(f"{manifest_path} is not a valid index manifest ({err!r}); {rebuild}.") from err
+        # safetensors holds raw tensors only: loading it never unpickles or runs code.
+        try:
+            embeddings = load_file(embeddings_path)["embeddings"]
+        except (OSError, SafetensorError, KeyError) as err:
+            raise SearchIndexError(f"cannot read the embeddings {embeddings_path} ({err}); {rebuild}.") from err
         if embeddings.shape != (len(entries), manifest["embed_dim"]):
             raise SearchIndexError(
                 f"{index_dir}: embeddings {tuple(embeddings.shape)} do not match {len(entries)} files x "
@@ -197,10 +208,7 @@ def _commit(index_dir: Path, manifest: dict[str, Any], embeddings: Tensor) -> No
     """Write the embeddings under a content-named file, then the manifest that points at it, then tidy up."""
     payload = save({"embeddings": embeddings.contiguous()})
     name = f"embeddings.{hashlib.sha256(payload).hexdigest()[:16]}.safetensors"
-    index_dir.mkdir(parents=True, exist_ok=True)
-    temporary = index_dir / f".{name}.tmp"
-    temporary.write_bytes(payload)
-    os.replace(temporary, index_dir / name)
+    atomic_write_bytes(index_dir / name, payload)
     atomic_write_json(index_dir / MANIFEST, {**manifest, "embeddings_file": name})
     for stale in index_dir.glob("embeddings.*.safetensors"):
         if stale.name != name:

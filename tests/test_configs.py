@@ -143,3 +143,24 @@ def test_every_strategy_validates_from_the_command_line(strategy):
 def test_intrinsic_strategy_is_rejected_for_softmax_backbones():
     with pytest.raises(ConfigError, match="SigLIP backbone"):
         validate_config(compose_config("clip", ["loss=cir_msiglip", "loss.strategy=intrinsic", "optimizer=tbps_clip"]))
+
+
+def test_image_size_not_divisible_by_the_patch_is_a_config_error():
+    with pytest.raises(ConfigError, match="not divisible by the patch size 8"):
+        validate_config(compose_config("demo", ["img_size_str='(60,32)'"]))
+
+
+def test_ddp_trainer_groups_compose_and_spawn_is_refused():
+    gpu = compose_config("cir_msiglip", ["trainer=ddp"])
+    assert gpu.trainer.strategy == "ddp" and gpu.trainer.devices == -1
+    assert gpu.trainer.log_every_n_steps == 1 and gpu.trainer.max_epochs == 60  # best_msiglip underneath
+    cpu = compose_config("demo", ["trainer=ddp_cpu"])
+    assert cpu.trainer.accelerator == "cpu" and cpu.trainer.devices == 2 and cpu.trainer.max_epochs == 25
+    validate_config(cpu)
+    with pytest.raises(ConfigError, match="trainer.strategy=ddp_spawn keeps the results"):
+        validate_config(compose_config("demo", ["trainer=ddp_cpu", "trainer.strategy=ddp_spawn"]))
+
+
+def test_bad_images_policy_is_checked():
+    with pytest.raises(ConfigError, match="dataset.bad_images='ignore' is unknown"):
+        validate_config(compose_config("demo", ["dataset.bad_images=ignore"]))

@@ -4,8 +4,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
 
 from data.readers import read_dataset
+from lightning_models import NonFiniteLossError
 from tests.conftest import compose_config, demo_overrides
 from trainer import train
 from utils.metrics import chance_rank1
@@ -34,6 +37,9 @@ def test_short_demo_run_beats_chance_and_keeps_best_and_last_checkpoints(demo_ro
     assert "last.ckpt" in names and any(
         name.startswith("epoch") and "-val_score" in name and "=" not in name for name in names
     )
+    # last.ckpt is the final epoch even when validation stopped improving earlier (the resume point).
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 9
     assert (tmp_path / "csv").is_dir()
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["test"]["t2i"]["R1"] == results["test"]["t2i"]["R1"]
@@ -77,3 +83,37 @@ def test_irra_losses_with_mlm_and_id_train_through_the_full_pipeline(demo_root, 
     )
     results = train(cfg, tmp_path)
     assert set(results["test"]) == {"t2i", "i2t"}
+
+
+class _PoisonLossAt(Callback):
+    """From global step `step` on, the objective's N-ITC term is NaN (as after an overflow)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step and not hasattr(pl_module.objective, "poisoned"):
+            objective = pl_module.objective
+
+            def poisoned(feats, context):
+                terms = objective(feats, context)
+                terms["nitc_loss"] = terms["nitc_loss"] * float("nan")
+                return terms
+
+            poisoned.poisoned = True
+            poisoned.settings = objective.settings
+            poisoned.needs_aug_view, poisoned.needs_ss_views = objective.needs_aug_view, objective.needs_ss_views
+            pl_module.objective = poisoned
+
+
+def test_non_finite_loss_stops_the_run_naming_the_step_and_terms_before_any_update(demo_root, tmp_path):
+    cfg = compose_config(
+        "demo",
+        demo_overrides(
+            demo_root, "trainer.max_epochs=2", "dataset.batch_size=16", "loss.CIR=true", "loss.strategy=auxiliary_cross"
+        ),
+    )
+    with pytest.raises(NonFiniteLossError, match=r"global step 3 .*nitc_loss=nan.*circle_loss=") as error:
+        train(cfg, tmp_path, callbacks=[_PoisonLossAt(3)])
+    assert "loss.circle_gamma" in str(error.value)
+    assert not (tmp_path / "results.json").exists()

@@ -26,6 +26,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from utils.errors import InputError
+
 #: Default budget for the temporaries of one chunk of queries, per device type (others use the CPU's). GPUs get
 #: larger chunks: each chunk costs a fixed few milliseconds of kernel launches and host synchronisations there.
 DEFAULT_MEMORY_BUDGET_BYTES = {"cpu": 256 * 1024**2, "cuda": 1024**3}
@@ -39,7 +41,7 @@ _NUM_BINS = 256
 _BYTES_PER_ROW = 25 * (_NUM_BINS + 4)
 
 
-class NoRelevantGalleryError(ValueError):
+class NoRelevantGalleryError(InputError):
     """Raised when a query has no gallery item with its person id, so AP and INP are undefined."""
 
 
