@@ -219,6 +219,14 @@ class TBPSDataModule(L.LightningDataModule):
         gallery = ImageDataset(split.image_paths, split.image_pids, build_eval_transform(size, mean, std))
         queries = TextDataset(split.captions, split.caption_pids)
         world, rank = self._replicas()
+        if min(len(gallery), len(queries)) < world:
+            # A rank without any item would skip the epoch-end gather the others wait in.
+            raise ConfigError(
+                [
+                    f"an evaluation split of {self.splits.name} has {len(gallery)} images and {len(queries)} "
+                    f"queries, fewer than the {world} processes: evaluate with fewer trainer.devices."
+                ]
+            )
         return [
             DataLoader(gallery, sampler=StridedShardSampler(len(gallery), world, rank), **common),
             DataLoader(

@@ -23,7 +23,7 @@ from model.tbps import TBPS, Heads
 from solver.build import build_optimizer, optimizer_problems
 from solver.lr_scheduler import build_scheduler, scheduler_problems
 from utils.analysis import save_failure_gallery, save_similarity_histogram
-from utils.distributed import all_gather_with_grad, gather_strided_shards
+from utils.distributed import all_gather_objects, all_gather_with_grad, gather_strided_shards, rank, world_size
 from utils.metrics import rank_metrics
 from utils.tables import results_table
 
@@ -157,11 +157,22 @@ class TBPSLitModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Lightning restores weights, optimizer, scheduler and loop counters but not the random generators, which
         # drive shuffling and augmentation: without them a resumed run would diverge from an uninterrupted one.
-        checkpoint["rng_states"] = rng_states()
+        # One entry per rank (every rank runs this hook before rank 0 writes): each rank augments with its own.
+        checkpoint["rng_states"] = all_gather_objects(rng_states())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "rng_states" in checkpoint:
-            restore_rng_states(checkpoint["rng_states"])
+        states = checkpoint.get("rng_states")
+        if not states:
+            return
+        per_rank = states if isinstance(states, list) else [states]
+        if len(per_rank) != world_size():
+            log.warning(
+                "The checkpoint holds the random states of %d process(es), this run has %d: resuming with rank 0's, "
+                "so augmentation will not replay the interrupted run exactly.",
+                len(per_rank),
+                world_size(),
+            )
+        restore_rng_states(per_rank[rank() if rank() < len(per_rank) else 0])
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -220,7 +231,8 @@ class TBPSLitModule(L.LightningModule):
     def _eval_split(self, index: int) -> tuple[Tensor, Tensor]:
         """Features and pids of the whole gallery (or query set), in dataset order, from every rank's shard."""
         parts = self._eval_feats[index]
-        feats = torch.cat([f for f, _ in parts]) if parts else torch.empty(0, 0, device=self.device)
+        # A rank can hold no item when the split is smaller than the world; its empty shard must still gather.
+        feats = torch.cat([f for f, _ in parts]) if parts else torch.empty(0, self.model.embed_dim, device=self.device)
         pids = torch.cat([p for _, p in parts]) if parts else torch.empty(0, dtype=torch.long, device=self.device)
         if self.trainer.world_size > 1:
             feats, pids = gather_strided_shards(feats), gather_strided_shards(pids)
@@ -229,16 +241,26 @@ class TBPSLitModule(L.LightningModule):
     def _eval_epoch_end(self, stage: str) -> None:
         (image_feats, image_pids), (text_feats, text_pids) = (self._eval_split(i) for i in (GALLERY, QUERIES))
         self._eval_feats = {GALLERY: [], QUERIES: []}
-        results = sim_t2i = None
+        results = sim_t2i = failure = None
         if self.trainer.is_global_zero:  # ranked once; every rank then logs the same numbers
             sim_t2i = text_feats @ image_feats.T  # (Q_text, G_image) cosine (or, with eval_scoring=dot, raw) scores
             budget = int(self.cfg.get("eval_memory_budget_mb", 256)) * 2**20  # per query chunk of the ranking
-            results = {
-                "t2i": rank_metrics(sim_t2i, text_pids, image_pids, memory_budget_bytes=budget),
-                "i2t": rank_metrics(sim_t2i.T, image_pids, text_pids, memory_budget_bytes=budget),
-            }
+            try:
+                results = {
+                    "t2i": rank_metrics(sim_t2i, text_pids, image_pids, memory_budget_bytes=budget),
+                    "i2t": rank_metrics(sim_t2i.T, image_pids, text_pids, memory_budget_bytes=budget),
+                }
+            except Exception as error:
+                if self.trainer.world_size == 1:
+                    raise
+                failure = error
         if self.trainer.world_size > 1:
-            results = self.trainer.strategy.broadcast(results, src=0)
+            # The other ranks wait here: they learn of a failure on rank 0 and stop too, instead of hanging.
+            results, message = self.trainer.strategy.broadcast((results, failure and repr(failure)), src=0)
+            if failure is not None:
+                raise failure
+            if message is not None:
+                raise RuntimeError(f"evaluation failed on rank 0: {message}")
         self.eval_results[stage] = results
         # Identical on every rank; sync_dist only tells Lightning so (a mean of equal values).
         self.log_dict(

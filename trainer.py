@@ -30,6 +30,23 @@ log = logging.getLogger(__name__)
 register_resolvers()
 
 
+#: Lightning strategies whose workers are forked or spawned from this process: train() could not return their results.
+PROCESS_POOL_STRATEGIES = ("ddp_spawn", "ddp_fork", "ddp_notebook", "ddp_spawn_find_unused_parameters_true")
+
+
+def checkpoint_problems(path: Path) -> list[str]:
+    """Empty when `path` is a checkpoint torch can read without unpickling code (memory-mapped: nothing is copied)."""
+    fix = "pass a .ckpt written by trainer.py, such as <run folder>/checkpoints/last.ckpt"
+    if not path.is_file():
+        return [f"ckpt_path={str(path)!r} does not exist; {fix}, or ckpt_path=null to start from the backbone."]
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, EOFError, KeyError, OSError, pickle.UnpicklingError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return [f"ckpt_path={str(path)!r} is not a readable checkpoint ({reason}); {fix}."]
+    return []
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Raise one ConfigError listing every problem of the composed config (before any download or model build)."""
     problems = []
@@ -39,16 +56,13 @@ def validate_config(cfg: DictConfig) -> None:
         problems.append(f"cannot resolve the config: {error}")
     else:
         problems += data_config_problems(cfg) + model_config_problems(cfg)
-    if "spawn" in str(cfg.trainer.get("strategy", "")):
+    if str(cfg.trainer.get("strategy", "")) in PROCESS_POOL_STRATEGIES:
         problems.append(
-            f"trainer.strategy={cfg.trainer.strategy} keeps the results in the spawned processes; use "
+            f"trainer.strategy={cfg.trainer.strategy} keeps the results in the started processes; use "
             "trainer.strategy=ddp (trainer=ddp or trainer=ddp_cpu)."
         )
-    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
-        problems.append(
-            f"ckpt_path={cfg.ckpt_path!r} does not exist; pass a Lightning checkpoint such as "
-            "<run folder>/checkpoints/last.ckpt, or ckpt_path=null to start from the pretrained backbone."
-        )
+    if cfg.get("ckpt_path"):
+        problems += checkpoint_problems(Path(cfg.ckpt_path))
     if problems:
         raise ConfigError(problems)
 
@@ -105,16 +119,14 @@ class ResumeHint(Callback):
         self.latest = latest
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not trainer.is_global_zero or not isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
+            return  # other errors are reported by what raised them; resuming would not fix them
         last = Path(self.latest.dirpath) / "last.ckpt"
-        if trainer.is_global_zero and last.is_file():
-            log.error(
-                "Training stopped at epoch %d, step %d (%s). Resume from the last completed epoch with the same "
-                "command plus ckpt_path=%s",
-                trainer.current_epoch,
-                trainer.global_step,
-                type(exception).__name__,
-                last,
-            )
+        where = f"Training stopped at epoch {trainer.current_epoch}, step {trainer.global_step}"
+        if last.is_file():
+            log.error("%s. Resume from the last completed epoch with the same command plus ckpt_path=%s", where, last)
+        else:
+            log.error("%s, before the first epoch ended: no checkpoint to resume from; rerun the command.", where)
 
 
 def train(cfg: DictConfig, run_dir: Path, run_name: str = "run", callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
@@ -156,7 +168,12 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str = "run", callbacks: Sequ
     # last.ckpt, rewritten after every epoch: the resume point. Lightning's save_last only refreshes it in epochs
     # that also save a best checkpoint, so after a plateau it would hold an old epoch.
     latest = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", filename="last", monitor=None, save_top_k=1, enable_version_counter=False
+        dirpath=run_dir / "checkpoints",
+        filename="last",
+        monitor=None,
+        save_top_k=1,
+        enable_version_counter=False,
+        save_on_train_epoch_end=True,  # also in epochs without validation (check_val_every_n_epoch > 1)
     )
     trainer = L.Trainer(
         default_root_dir=run_dir,
@@ -201,21 +218,18 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     (`dataset`, `dataset_root_dir`) and the trainer settings come from the command line. The training split is not
     needed.
     """
-    checkpoint = Path(cfg.ckpt_path) if cfg.ckpt_path else None
-    if checkpoint is None or not checkpoint.is_file():
-        raise ConfigError(
-            [
-                f"ckpt_path={cfg.ckpt_path!r} is not a checkpoint file; evaluation (train=false) needs "
-                "ckpt_path=<run folder>/checkpoints/<name>.ckpt."
-            ]
-        )
+    if not cfg.ckpt_path:
+        raise ConfigError(["evaluation (train=false) needs ckpt_path=<run folder>/checkpoints/<name>.ckpt."])
+    checkpoint = Path(cfg.ckpt_path)
+    if problems := checkpoint_problems(checkpoint):
+        raise ConfigError(problems)
     try:
         module = TBPSLitModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as error:
+    except KeyError as error:  # readable, but not written by TBPSLitModule (no hyper-parameters / state dict)
         raise ConfigError(
             [
-                f"ckpt_path={str(checkpoint)!r} is not a readable TBPS checkpoint ({type(error).__name__}: "
-                f"{str(error).splitlines()[0] if str(error) else ''}); pass a .ckpt written by trainer.py."
+                f"ckpt_path={str(checkpoint)!r} is not a TBPS checkpoint (no {error}); "
+                "pass a .ckpt written by trainer.py."
             ]
         ) from error
     eval_cfg = OmegaConf.merge(module.cfg, {"dataset": cfg.dataset, "dataset_root_dir": cfg.dataset_root_dir})
@@ -234,6 +248,16 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if trainer.is_global_zero:
         atomic_write_json(run_dir / "results.json", results)
     return results
+
+
+def user_message(error: InputError) -> str:
+    """The error's own message; a DataLoader worker re-raises it wrapped in the worker's traceback, which is cut."""
+    message = str(error)
+    if "Original Traceback" not in message:
+        return message
+    last = [line for line in message.splitlines() if line.strip()][-1]  # "data.datasets.ImageReadError: <message>"
+    name, separator, own = last.partition(": ")
+    return own if separator and name.split(".")[-1] == type(error).__name__ else last
 
 
 def run_name_of(config_name: str, overrides: list[str]) -> str:
@@ -255,7 +279,7 @@ def main(cfg: DictConfig) -> None:
             evaluate(cfg, run_dir)
     except InputError as error:
         # Bad config, dataset or checkpoint: the message names the file or field and the fix; no traceback.
-        log.error("%s", error)
+        log.error("%s", user_message(error))
         raise SystemExit(2) from None
     except SIGTERMException:
         # Lightning stops cleanly on SIGTERM but exits 0; a scheduler must see that the job did not finish.

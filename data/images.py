@@ -5,9 +5,9 @@
 - ``fail`` (default): every referenced file must exist. Only a ``stat`` per file (CUHK-PEDES's 40k images take well
   under a second); files that exist but cannot be decoded still fail fast, with their path, when a loader first
   reads them (``data.datasets.load_rgb``).
-- ``skip``: every referenced file is opened and verified with PIL; training pairs, gallery images and queries whose
-  image is missing or undecodable are dropped, and the count is logged. A query whose person then has no gallery
-  image left is dropped too: recall and mAP are undefined for it.
+- ``skip``: every referenced file is opened, verified and decoded with PIL; training pairs, gallery images and
+  queries whose image is missing or undecodable are dropped, and the count is logged. A query whose person then has
+  no gallery image left is dropped too: recall and mAP are undefined for it.
 """
 
 from __future__ import annotations
@@ -48,10 +48,12 @@ def referenced_paths(splits: DatasetSplits) -> list[Path]:
 
 
 def is_readable(path: Path) -> bool:
-    """Whether PIL can open and verify `path` (header and, for PNG, chunk checksums; not a full decode)."""
+    """Whether PIL can open, verify and fully decode `path` (verify alone passes a truncated JPEG)."""
     try:
         with Image.open(path) as image:
             image.verify()
+        with Image.open(path) as image:
+            image.load()
     except Exception:  # noqa: BLE001 - PIL signals a bad file with OSError, SyntaxError, ValueError, ...
         return False
     return True

@@ -9,6 +9,8 @@ from itertools import chain, zip_longest
 import numpy as np
 import torch
 
+from utils.errors import InputError
+
 
 class IdentitySampler(torch.utils.data.Sampler[int]):
     """N identities x K instances per batch, grouped by PERSON id (the seed grouped by image id, a defect).
@@ -68,10 +70,11 @@ class IdentitySampler(torch.utils.data.Sampler[int]):
             groups[pid][image_id].append(index)
         self._groups = [list(images.values()) for images in groups.values()]
         if len(self._groups) < self.ids_per_batch:
-            raise ValueError(
-                f"IdentitySampler needs at least {self.ids_per_batch} identities for one batch "
-                f"(batch_size {batch_size} / num_instance {num_instance} x {num_replicas} processes), "
-                f"but the data has {len(self._groups)}"
+            raise InputError(
+                f"the identity sampler needs {self.ids_per_batch} training identities for one batch (dataset."
+                f"batch_size {batch_size} / dataset.num_instance {num_instance} x {num_replicas} processes), but the "
+                f"data has {len(self._groups)}: lower dataset.batch_size, raise dataset.num_instance or use fewer "
+                "processes (trainer.devices)"
             )
         chunk_counts = [max(sum(map(len, images)), num_instance) // num_instance for images in self._groups]
         self.num_batches = _max_batches(chunk_counts, self.ids_per_batch)

@@ -190,6 +190,18 @@ def test_4_skip_policy_drops_and_counts_bad_images_and_orphaned_queries(
     assert str(images / "p3/a.png") in warning
 
 
+def test_4_skip_policy_drops_a_truncated_jpeg_that_verify_alone_accepts(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from data.images import is_readable
+
+    path = tmp_path / "cut.jpg"
+    Image.effect_noise((64, 128), 50).convert("RGB").save(path, quality=95)
+    assert is_readable(path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a download cut in half
+    assert not is_readable(path)
+
+
 def test_4_skip_policy_refuses_to_empty_a_split_and_unknown_policies_are_config_errors(vn3k: Path) -> None:
     for path in (vn3k / "VN3K" / "imgs").glob("t5*/*.png"):
         path.unlink()
@@ -365,4 +377,19 @@ def test_11_missing_ckpt_path_when_training_and_when_evaluating(tmp_path: Path) 
     assert f"ckpt_path='{missing}' does not exist" in validation_error(f"ckpt_path={missing}")
     with pytest.raises(InputError) as error:
         evaluate(compose_config("demo", ["train=false", f"ckpt_path={missing}"]), tmp_path)
-    expect(error, ConfigError, f"ckpt_path='{missing}' is not a checkpoint file", "train=false")
+    expect(error, ConfigError, f"ckpt_path='{missing}' does not exist", "last.ckpt")
+    with pytest.raises(InputError) as error:
+        evaluate(compose_config("demo", ["train=false"]), tmp_path)
+    expect(error, ConfigError, "evaluation (train=false) needs ckpt_path=")
+
+
+def test_11_unreadable_ckpt_path_when_training_and_when_evaluating(tmp_path: Path) -> None:
+    from trainer import evaluate
+
+    truncated = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1000)}}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:300])  # a copy cut short by a crash
+    assert f"ckpt_path='{truncated}' is not a readable checkpoint" in validation_error(f"ckpt_path={truncated}")
+    with pytest.raises(InputError) as error:
+        evaluate(compose_config("demo", ["train=false", f"ckpt_path={truncated}"]), tmp_path)
+    expect(error, ConfigError, "is not a readable checkpoint", "written by trainer.py")

@@ -20,9 +20,12 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from data.datasets import ImageReadError
 from data.samplers import IdentitySampler, StridedShardSampler
 from model.strategies import LossSettings, Objective, StepContext, TrainFeatures, gathered
+from utils.config import ConfigError
 from utils.distributed import all_gather_with_grad, gather_strided_shards
+from utils.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -234,3 +237,58 @@ def test_ddp_training_completes_and_sharded_evaluation_equals_one_process(demo_r
     for task in ("t2i", "i2t"):
         for metric, value in single["test"][task].items():
             assert ddp["test_last"][task][metric] == pytest.approx(value, abs=1e-9), (task, metric)
+
+
+# ---------------------------------------------------------------- failure modes that would hang or mislead ranks
+
+
+def test_identity_sampler_too_few_identities_for_all_ranks_names_the_settings():
+    pids, image_ids = _dataset(num_ids=6)
+    IdentitySampler(pids, image_ids, 8, 2, num_replicas=1)  # 4 identities per batch: enough for one process
+    with pytest.raises(InputError, match=r"needs 8 training identities .*\(trainer\.devices\)"):
+        IdentitySampler(pids, image_ids, 8, 2, num_replicas=2, rank=0)
+
+
+def test_evaluation_split_smaller_than_the_world_is_refused(demo_root):
+    from types import SimpleNamespace
+
+    from lightning_data import build_datamodule
+    from tests.conftest import compose_config, demo_overrides
+
+    datamodule = build_datamodule(compose_config("demo", demo_overrides(demo_root)))
+    datamodule.trainer = SimpleNamespace(world_size=10**6, global_rank=0)
+    with pytest.raises(ConfigError, match="fewer than the 1000000 processes"):
+        datamodule.test_dataloader()
+    datamodule.trainer = SimpleNamespace(world_size=2, global_rank=1)
+    gallery, queries = datamodule.test_dataloader()
+    assert list(gallery.sampler) == list(range(1, len(datamodule.splits.test.image_paths), 2))
+
+
+def test_random_states_are_saved_per_rank_and_old_checkpoints_still_restore():
+    from lightning_models import TBPSLitModule, rng_states
+
+    module = TBPSLitModule.__new__(TBPSLitModule)  # the hooks use no module state
+    checkpoint = {}
+    torch.manual_seed(3)
+    module.on_save_checkpoint(checkpoint)
+    assert isinstance(checkpoint["rng_states"], list) and len(checkpoint["rng_states"]) == 1
+    expected = torch.rand(4)
+    module.on_load_checkpoint(checkpoint)
+    assert torch.equal(torch.rand(4), expected)
+    torch.manual_seed(3)
+    legacy = {"rng_states": rng_states()}  # one dict, as checkpoints of earlier versions hold
+    expected = torch.rand(4)
+    module.on_load_checkpoint(legacy)
+    assert torch.equal(torch.rand(4), expected)
+
+
+def test_errors_from_dataloader_workers_are_reported_as_their_own_message():
+    from trainer import user_message
+
+    wrapped = ImageReadError(
+        "Caught ImageReadError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "data/datasets.py", line 40, in load_rgb\n'
+        "data.datasets.ImageReadError: cannot read image /d/imgs/a.jpg (truncated); fix the file\n"
+    )
+    assert user_message(wrapped) == "cannot read image /d/imgs/a.jpg (truncated); fix the file"
+    assert user_message(ImageReadError("plain message")) == "plain message"

@@ -140,7 +140,7 @@ def test_every_identity_used_when_counts_allow() -> None:
         (10, 4, "multiple of num_instance"),
         (0, 4, "multiple of num_instance"),
         (8, 0, "multiple of num_instance"),
-        (24, 4, "at least 6 identities.*has 5"),
+        (24, 4, "needs 6 training identities.*has 5"),
     ],
 )
 def test_invalid_arguments(batch_size: int, num_instance: int, match: str) -> None:

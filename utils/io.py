@@ -32,12 +32,18 @@ def _create_temporary(path: Path) -> tuple[int, Path]:
 
 
 def _fsync_folder(folder: Path) -> None:
-    """Make the rename itself durable (the folder entry), not only the file's bytes."""
-    handle = os.open(folder, os.O_RDONLY)
+    """Make the rename itself durable (the folder entry), not only the file's bytes.
+
+    Best effort: some file systems (FUSE mounts, Windows) refuse to fsync a folder, and the rename has happened.
+    """
     try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
+        handle = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(handle)
+        finally:
+            os.close(handle)
+    except OSError:
+        pass
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
