@@ -16,9 +16,10 @@ from torch import Tensor
 
 from data.datasets import load_rgb
 from model.backbone import image_size_problems, load_backbone, needs_per_call_interpolation
+from model.features import TrainFeatures, gathered
 from model.lora import LoraSettings, apply_lora
 from model.objectives import cosine_similarity, identity_mask
-from model.strategies import LossSettings, Objective, StepContext, TrainFeatures, gathered
+from model.strategies import LossSettings, Objective, StepContext
 from model.tbps import TBPS, Heads
 from solver.build import build_optimizer, optimizer_problems
 from solver.lr_scheduler import build_scheduler, scheduler_problems

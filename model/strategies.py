@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from model.features import TrainFeatures
 from model.objectives import (
     cmpm_loss,
     cosine_similarity,
@@ -152,28 +153,6 @@ class LossSettings:
 
 
 @dataclass(frozen=True)
-class TrainFeatures:
-    """What one forward pass of the training batch produces; image/text features are L2-normalised.
-
-    Shapes: image_feats, text_feats, aug_image_feats, ss_feats_*: (B, D); pids: (B,); logit_scale, logit_bias: ();
-    id_logits_*: (B, num_classes); mlm_logits: (B, L, vocab); mlm_labels: (B, L).
-    """
-
-    image_feats: Tensor
-    text_feats: Tensor
-    pids: Tensor
-    logit_scale: Tensor
-    logit_bias: Tensor
-    aug_image_feats: Tensor | None = None
-    ss_feats_a: Tensor | None = None
-    ss_feats_b: Tensor | None = None
-    id_logits_image: Tensor | None = None
-    id_logits_text: Tensor | None = None
-    mlm_logits: Tensor | None = None
-    mlm_labels: Tensor | None = None
-
-
-@dataclass(frozen=True)
 class StepContext:
     """Where training is: `epoch` counts completed epochs fractionally (global step / steps per epoch)."""
 
@@ -181,29 +160,6 @@ class StepContext:
 
 
 Term = Callable[[TrainFeatures, LossSettings, StepContext], dict[str, Tensor]]
-
-#: Per-sample fields a global batch is made of. MLM logits stay local: (B, L, vocab) is too large to gather and
-#: masked-token prediction has no negatives to gain; its term is averaged across ranks by DDP like any local loss.
-GATHERED_FIELDS = (
-    "image_feats",
-    "text_feats",
-    "pids",
-    "aug_image_feats",
-    "ss_feats_a",
-    "ss_feats_b",
-    "id_logits_image",
-    "id_logits_text",
-)
-
-
-def gathered(feats: TrainFeatures, all_gather: Callable[[Tensor], Tensor]) -> TrainFeatures:
-    """The global batch: `all_gather` concatenates a (B, ...) tensor of every rank into (world * B, ...).
-
-    With an autograd-aware gather (each rank's gradient summed back to its shard) and DDP's gradient averaging,
-    the parameter update equals that of one process computing the loss on the concatenated batch.
-    """
-    changes = {name: all_gather(value) for name in GATHERED_FIELDS if (value := getattr(feats, name)) is not None}
-    return dataclasses.replace(feats, **changes)
 
 
 def _views(feats: TrainFeatures, settings: LossSettings) -> list[Tensor]:

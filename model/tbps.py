@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
+from model.features import TrainFeatures
 from model.heads import CrossModalMLMHead, IdentityClassifier
-from model.strategies import TrainFeatures
 
 #: exp(logit_scale) is capped here (the seed's clamp value); clamping the log keeps the gradient honest.
 MAX_LOGIT_SCALE = math.log(100.0)

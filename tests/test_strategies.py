@@ -7,8 +7,9 @@ import torch
 
 from data.mlm import mask_tokens
 from model.backbone import load_backbone, needs_per_call_interpolation
+from model.features import TrainFeatures
 from model.objectives import cosine_similarity, identity_mask, sigmoid_nitc_loss
-from model.strategies import AUXILIARY_TERMS, STRATEGIES, LossSettings, Objective, StepContext, TrainFeatures
+from model.strategies import AUXILIARY_TERMS, STRATEGIES, LossSettings, Objective, StepContext
 from model.tbps import TBPS, Heads
 
 SEED_STRATEGY_TERMS = {
