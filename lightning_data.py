@@ -201,7 +201,7 @@ class TBPSDataModule(L.LightningDataModule):
             )
             return DataLoader(dataset, sampler=sampler, **common)
         if world > 1:
-            # The sampler Lightning itself would insert; its order is a function of (seed, epoch).
+            # Shuffled from (seed, epoch) on every rank alike, each rank taking its stride; the remainder is dropped.
             sampler = DistributedSampler(
                 dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.cfg.seed, drop_last=True
             )

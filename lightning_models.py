@@ -231,10 +231,9 @@ class TBPSLitModule(L.LightningModule):
 
     def _eval_split(self, index: int) -> tuple[Tensor, Tensor]:
         """Features and pids of the whole gallery (or query set), in dataset order, from every rank's shard."""
+        # Every rank holds at least one item: the data module refuses splits smaller than the world.
         parts = self._eval_feats[index]
-        # A rank can hold no item when the split is smaller than the world; its empty shard must still gather.
-        feats = torch.cat([f for f, _ in parts]) if parts else torch.empty(0, self.model.embed_dim, device=self.device)
-        pids = torch.cat([p for _, p in parts]) if parts else torch.empty(0, dtype=torch.long, device=self.device)
+        feats, pids = torch.cat([f for f, _ in parts]), torch.cat([p for _, p in parts])
         if self.trainer.world_size > 1:
             feats, pids = gather_strided_shards(feats), gather_strided_shards(pids)
         return feats, pids
