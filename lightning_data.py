@@ -13,14 +13,14 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, DistributedSampler, default_collate
 
-from data.datasets import ImageDataset, ImageTextDataset, TextDataset
+from data.datasets import EpochTaggedSampler, ImageDataset, ImageTextDataset, TextDataset
 from data.images import bad_images_problems, check_images
 from data.mlm import mask_tokens
 from data.readers import READERS, DatasetNotFoundError, DatasetSplits, EvalSplit, read_dataset
 from data.samplers import IdentitySampler, StridedShardSampler
 from data.splits import hold_out_identities
 from data.subsets import identity_fold, ten_percent_cuhk_vn3k_mix
-from data.text import CaptionTokenizer, random_deletion
+from data.text import CaptionTokenizer
 from data.transforms import AUGMENTATIONS, build_eval_transform, build_simclr_transform, build_train_transform
 from utils.config import ConfigError
 
@@ -62,23 +62,25 @@ def data_config_problems(cfg: DictConfig) -> list[str]:
 
 
 def collate_train(
-    samples: Sequence[Mapping[str, Any]],
-    tokenizer: CaptionTokenizer,
-    deletion: float,
-    mlm_probability: float | None = None,
+    samples: Sequence[Mapping[str, Any]], tokenizer: CaptionTokenizer, mlm_probability: float | None = None
 ) -> dict[str, Any]:
-    """Stack a training batch, tokenise its (augmented) captions and, for MLM, mask a copy of them."""
-    captions = [random_deletion(sample["captions"], deletion) for sample in samples]
+    """Stack a training batch, tokenise its (already augmented) captions and, for MLM, mask a copy of them.
+
+    The masking generator is seeded from the first sample's seed, so it too depends only on (seed, epoch, samples).
+    """
+    captions = [sample["captions"] for sample in samples]
     batch = default_collate([{k: v for k, v in sample.items() if k != "captions"} for sample in samples])
     for key, value in tokenizer(captions).items():
         batch[f"caption_{key}"] = value
     if mlm_probability:
+        generator = torch.Generator().manual_seed(int(samples[0]["sample_seeds"]))
         batch["mlm_input_ids"], batch["mlm_labels"] = mask_tokens(
             batch["caption_input_ids"],
             mask_token_id=tokenizer.tokenizer.mask_token_id,
             vocab_size=tokenizer.vocab_size,
             special_token_ids=tokenizer.special_token_ids,
             probability=mlm_probability,
+            generator=generator,
         )
         if "caption_attention_mask" in batch:
             batch["mlm_attention_mask"] = batch["caption_attention_mask"]
@@ -173,21 +175,10 @@ class TBPSDataModule(L.LightningDataModule):
             transform=build_train_transform(size, mean, std, augment, k),
             aug_transform=build_train_transform(size, mean, std, augment, k),
             simclr_transform=build_simclr_transform(size, mean, std) if self.simclr_views else None,
+            seed=self.cfg.seed,
+            caption_deletion=self.cfg.aug.text.random_deletion,
         )
         data = self.cfg.dataset
-        collate = partial(
-            collate_train,
-            tokenizer=self.tokenizer,
-            deletion=self.cfg.aug.text.random_deletion,
-            mlm_probability=self.mlm_probability,
-        )
-        common = dict(
-            batch_size=data.batch_size,
-            num_workers=data.num_workers,
-            collate_fn=collate,
-            persistent_workers=False,  # re-seeded from the main RNG each epoch: exact resume
-            drop_last=True,
-        )
         world, rank = self._replicas()
         if data.sampler == "identity":
             sampler = IdentitySampler(
@@ -198,15 +189,24 @@ class TBPSDataModule(L.LightningDataModule):
                 seed=self.cfg.seed,
                 num_replicas=world,
                 rank=rank,
+                coverage=data.get("sampler_coverage", "chunks"),
             )
-            return DataLoader(dataset, sampler=sampler, **common)
-        if world > 1:
-            # Shuffled from (seed, epoch) on every rank alike, each rank taking its stride; the remainder is dropped.
+        else:
+            # Shuffled from (seed, epoch) alone, each rank taking its stride (one process: all); the remainder is
+            # dropped. Same order on resume, whatever the global random state.
             sampler = DistributedSampler(
                 dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.cfg.seed, drop_last=True
             )
-            return DataLoader(dataset, sampler=sampler, **common)
-        return DataLoader(dataset, shuffle=True, **common)
+        return DataLoader(
+            dataset,
+            sampler=EpochTaggedSampler(sampler),
+            batch_size=data.batch_size,
+            num_workers=data.num_workers,
+            collate_fn=partial(collate_train, tokenizer=self.tokenizer, mlm_probability=self.mlm_probability),
+            # Items are seeded by (seed, epoch, index): workers may persist across epochs without changing results.
+            persistent_workers=data.num_workers > 0,
+            drop_last=True,
+        )
 
     def _eval_loaders(self, split: EvalSplit) -> list[DataLoader]:
         size, mean, std = self._image_cfg()
@@ -214,7 +214,6 @@ class TBPSDataModule(L.LightningDataModule):
         common = dict(
             batch_size=data.test_batch_size,
             num_workers=data.num_workers,
-            persistent_workers=False,  # re-seeded from the main RNG each epoch: exact resume
         )
         gallery = ImageDataset(split.image_paths, split.image_pids, build_eval_transform(size, mean, std))
         queries = TextDataset(split.captions, split.caption_pids)

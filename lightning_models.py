@@ -143,6 +143,12 @@ class TBPSLitModule(L.LightningModule):
             freeze_text=backbone_cfg.freeze.text,
             interpolate_pos_encoding=needs_per_call_interpolation(backbone, tuple(backbone_cfg.image_size)),
         )
+        log.info("Training objective: %s", self.objective.describe())
+        frozen = self.model.keep_logit_parameters(
+            scale=self.objective.uses_logit_scale, bias=self.objective.uses_logit_bias
+        )
+        if frozen:
+            log.info("%s frozen: no training loss of this objective reads them", " and ".join(frozen))
         self._eval_feats: dict[int, list[tuple[Tensor, Tensor]]] = {GALLERY: [], QUERIES: []}
         self.eval_results: dict[str, dict[str, dict[str, float]]] = {}
         #: Printed after "Val results" / "Test results" (which split and which weights the table is about).
@@ -177,22 +183,37 @@ class TBPSLitModule(L.LightningModule):
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        feats = self.model(batch, aug_view=self.objective.needs_aug_view, ss_views=self.objective.needs_ss_views)
-        if self.objective.settings.gather_features and self.trainer.world_size > 1:
+        objective = self.objective
+        feats = self.model(
+            batch,
+            aug_view=objective.needs_aug_view,
+            ss_views=objective.needs_ss_views,
+            raw_features=objective.needs_raw_features,
+        )
+        if objective.settings.gather_features and self.trainer.world_size > 1:
             feats = gathered(feats, all_gather_with_grad)
-        steps_per_epoch = max(self.trainer.num_training_batches // self.trainer.accumulate_grad_batches, 1)
-        context = StepContext(epoch=self.global_step / steps_per_epoch)
-        terms = self.objective(feats, context)
+        context = StepContext(epoch=self.fractional_epoch(batch_idx))
+        terms = objective(feats, context)
         total = torch.stack(list(terms.values())).sum()
         self._stop_if_not_finite(total, terms, batch_idx)
         batch_size = feats.pids.shape[0]
         self.log("train/total_loss", total, prog_bar=True, batch_size=batch_size)
         self.log_dict({f"train/{name}": value for name, value in terms.items()}, batch_size=batch_size)
         stats = {"logit_scale": feats.logit_scale, "logit_bias": feats.logit_bias, **pair_statistics(feats)}
-        if self.objective.settings.CIR:
+        if objective.settings.circle_term:
             stats["circle_weight"] = torch.tensor(self.objective.settings.circle_weight(context.epoch))
         self.log_dict({f"train/{name}": value.detach() for name, value in stats.items()}, batch_size=batch_size)
         return total
+
+    def fractional_epoch(self, batch_idx: int) -> float:
+        """The current epoch plus the fraction of its training batches done before `batch_idx`.
+
+        Read from Lightning's loop (not derived from the optimizer step count, which gradient accumulation skews), so
+        the curriculum and the soft-label ramp change exactly at epoch boundaries.
+        """
+        batches = self.trainer.num_training_batches
+        fraction = batch_idx / batches if 0 < batches < float("inf") else 0.0
+        return self.current_epoch + fraction
 
     def _stop_if_not_finite(self, total: Tensor, terms: dict[str, Tensor], batch_idx: int) -> None:
         """Stop before a NaN/inf loss reaches the weights; every rank takes the same decision (no DDP hang).

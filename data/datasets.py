@@ -5,15 +5,18 @@ Items carry raw caption strings; tokenisation happens in the collate function.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import random
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from data.readers import TrainSample
+from data.text import random_deletion
 from utils.errors import InputError
 
 ImageTransform = Callable[[Image.Image], torch.Tensor]
@@ -49,8 +52,47 @@ def load_rgb(path: Path) -> Image.Image:
         raise ImageReadError(f"cannot read image {path} ({err}); {BAD_IMAGE_FIX}") from err
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for the random draws of one training sample in one epoch.
+
+    Augmentations drawn from it depend only on (run seed, epoch, sample index): not on the DataLoader worker that
+    happens to load the sample, the number of workers or processes, nor on what ran before (so a resumed run draws
+    exactly what the uninterrupted run drew).
+    """
+    state = np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+class EpochTaggedSampler(Sampler):
+    """Yields `(epoch, index)` for every index of a wrapped sampler, so a dataset item knows its epoch.
+
+    `set_epoch` (called by Lightning before every training epoch, resumed ones included) is passed on to the wrapped
+    sampler.
+    """
+
+    def __init__(self, sampler: Sampler[int]) -> None:
+        self.sampler = sampler
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if callable(getattr(self.sampler, "set_epoch", None)):
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        return ((epoch, index) for index in self.sampler)
+
+
 class ImageTextDataset(Dataset):
-    """Training pairs, one item per caption.
+    """Training pairs, one item per caption, each augmented from its own seeded generator.
+
+    Items are looked up by `(epoch, index)` (see `EpochTaggedSampler`) or by a plain index (epoch 0). Every random
+    draw of an item (image augmentations, caption word deletion, and the MLM masking of its batch) comes from
+    `sample_seed(seed, epoch, index)`.
 
     Args:
         samples: Reader output (``DatasetSplits.train``).
@@ -58,6 +100,8 @@ class ImageTextDataset(Dataset):
         aug_transform: If given, a second, independently drawn augmentation of the same image (``aug_images``,
             for multi-view supervision).
         simclr_transform: If given, two SimCLR views (``ss_images1``, ``ss_images2``).
+        seed: The run's seed.
+        caption_deletion: Probability of dropping each caption word (EDA random deletion); 0 keeps captions.
     """
 
     def __init__(
@@ -66,30 +110,42 @@ class ImageTextDataset(Dataset):
         transform: ImageTransform,
         aug_transform: ImageTransform | None = None,
         simclr_transform: ImageTransform | None = None,
+        *,
+        seed: int = 0,
+        caption_deletion: float = 0.0,
     ) -> None:
         self.samples = samples
         self.transform = transform
         self.aug_transform = aug_transform
         self.simclr_transform = simclr_transform
+        self.seed = seed
+        self.caption_deletion = caption_deletion
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
         sample = self.samples[index]
         image = load_rgb(sample.image_path)
-        item = {
-            "index": index,
-            "pids": sample.pid,
-            "image_ids": sample.image_id,
-            "images": self.transform(image),
-            "captions": sample.caption,
-        }
-        if self.aug_transform is not None:
-            item["aug_images"] = self.aug_transform(image)
-        if self.simclr_transform is not None:
-            item["ss_images1"] = self.simclr_transform(image)
-            item["ss_images2"] = self.simclr_transform(image)
+        seed = sample_seed(self.seed, epoch, index)
+        # The transforms draw from torch's global generator: seed it for this sample only, and leave the caller's
+        # stream as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            item = {
+                "index": index,
+                "sample_seeds": seed,
+                "pids": sample.pid,
+                "image_ids": sample.image_id,
+                "images": self.transform(image),
+                "captions": random_deletion(sample.caption, self.caption_deletion, random.Random(seed)),
+            }
+            if self.aug_transform is not None:
+                item["aug_images"] = self.aug_transform(image)
+            if self.simclr_transform is not None:
+                item["ss_images1"] = self.simclr_transform(image)
+                item["ss_images2"] = self.simclr_transform(image)
         return item
 
 

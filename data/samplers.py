@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from itertools import chain, zip_longest
 
 import numpy as np
@@ -11,24 +14,51 @@ import torch
 
 from utils.errors import InputError
 
+log = logging.getLogger(__name__)
+
+
+#: `dataset.sampler_coverage` values of the identity sampler.
+COVERAGES = ("chunks", "all")
+
+
+@dataclass(frozen=True)
+class EpochCoverage:
+    """How one epoch of the identity sampler used the dataset (all ranks together)."""
+
+    samples: int  # dataset size
+    used: int  # distinct samples drawn at least once
+    dropped: int  # samples never drawn
+    duplicated: int  # draws beyond the first of a sample
+
+    def describe(self) -> str:
+        return f"{self.used} of {self.samples} samples used, {self.dropped} dropped, {self.duplicated} duplicate draws"
+
 
 class IdentitySampler(torch.utils.data.Sampler[int]):
-    """N identities x K instances per batch, grouped by PERSON id (the seed grouped by image id, a defect).
+    """P identities x K instances per batch, grouped by PERSON id (IRRA, TransReID).
 
-    Each epoch, every identity's samples are shuffled and cut into chunks of K (an identity with fewer than K
-    samples is padded by drawing its own samples again, the only time anything repeats). Inside an identity the
-    order interleaves its images, so a chunk holds as many distinct images as the identity has. Chunks are then
-    dealt into batches of P = batch_size // K distinct identities. As in TransReID each sample is used about once
-    per epoch, and every identity appears in at least one batch unless it falls in the remainder that cannot fill
-    a batch.
+    Each epoch, every identity's samples are shuffled (interleaving its images, so a chunk holds as many distinct
+    images as the identity has) and cut into chunks of K. Batches are then dealt from the chunks so that the P chunks
+    of a batch belong to P distinct identities. The number of full batches B is the largest with
+    ``sum_i min(chunks_i, B) >= P * B``; it depends only on the chunk counts, so ``len()`` is exact and the same every
+    epoch.
 
-    The number of batches depends only on how many chunks each identity has, not on the shuffle, so ``len()`` is
-    exact and the same every epoch: the largest B with ``sum_i min(chunks_i, B) >= P * B``.
+    What happens to the samples that do not fill a chunk is ``coverage``:
 
-    Distributed (``num_replicas`` W > 1): the sampler builds the global batches of W * P distinct identities and
-    rank r takes the r-th group of P identities of each. Ranks thus hold disjoint identities at every step and the
-    same number of batches, and the union of their step-t batches is the step-t batch of a single process sampling
-    W times the batch size with the same seed.
+    - ``"chunks"`` (default; the re-ID field's RandomIdentitySampler convention): an identity with n >= K samples
+      drops its n mod K leftovers; an identity with fewer than K samples forms one chunk padded by cycling its own
+      samples (so a sample repeats only once all of the identity's samples are in the chunk); chunks beyond B per
+      identity and beyond P * B in total are dropped. An epoch therefore skips some samples and repeats others: the
+      counts are logged every epoch (`last_coverage`).
+    - ``"all"``: every sample is drawn once per epoch. Full chunks fill the B identity-balanced batches; every other
+      sample (leftovers, identities with fewer than K samples, surplus chunks) goes, grouped by identity, into extra
+      batches at the end of the shuffle order, which are not P x K balanced; the last one is completed with samples
+      drawn a second time.
+
+    Distributed (``num_replicas`` W > 1): the sampler builds global batches of W * batch_size (W * P distinct
+    identities in the balanced ones) and rank r takes the r-th slice of batch_size of each. Ranks thus hold disjoint
+    identities at every balanced step and the same number of batches, and the union of their step-t batches is the
+    step-t batch of a single process sampling W times the batch size with the same seed.
 
     Args:
         pids: Person id of every dataset index.
@@ -38,6 +68,7 @@ class IdentitySampler(torch.utils.data.Sampler[int]):
         seed: Base seed; the order is a function of ``(seed, epoch)`` only.
         num_replicas: W, data-parallel processes.
         rank: This process's index in [0, W).
+        coverage: ``"chunks"`` or ``"all"``, see above.
     """
 
     def __init__(
@@ -50,6 +81,7 @@ class IdentitySampler(torch.utils.data.Sampler[int]):
         *,
         num_replicas: int = 1,
         rank: int = 0,
+        coverage: str = "chunks",
     ) -> None:
         if len(pids) != len(image_ids):
             raise ValueError(f"pids and image_ids must have the same length, got {len(pids)} and {len(image_ids)}")
@@ -57,13 +89,18 @@ class IdentitySampler(torch.utils.data.Sampler[int]):
             raise ValueError(f"batch_size ({batch_size}) must be a positive multiple of num_instance ({num_instance})")
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank must be in [0, num_replicas={num_replicas}), got {rank}")
+        if coverage not in COVERAGES:
+            raise ValueError(f"coverage must be one of {COVERAGES}, got {coverage!r}")
         self.batch_size = batch_size
         self.num_instance = num_instance
-        self.ids_per_rank = batch_size // num_instance
-        self.ids_per_batch = self.ids_per_rank * num_replicas  # distinct identities in one global batch
+        self.ids_per_batch = batch_size // num_instance * num_replicas  # distinct identities in one global batch
+        self.global_batch_size = batch_size * num_replicas
         self.rank = rank
         self.seed = seed
+        self.coverage = coverage
         self.epoch = 0
+        self.num_samples = len(pids)
+        self.last_coverage: EpochCoverage | None = None
         # pid -> image_id -> dataset indices, in first-seen order so the grouping itself is deterministic.
         groups: dict[int, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
         for index, (pid, image_id) in enumerate(zip(pids, image_ids)):
@@ -76,8 +113,13 @@ class IdentitySampler(torch.utils.data.Sampler[int]):
                 f"data has {len(self._groups)}: lower dataset.batch_size, raise dataset.num_instance or use fewer "
                 "processes (trainer.devices)"
             )
-        chunk_counts = [max(sum(map(len, images)), num_instance) // num_instance for images in self._groups]
-        self.num_batches = _max_batches(chunk_counts, self.ids_per_batch)
+        sizes = [sum(map(len, images)) for images in self._groups]
+        padded = coverage == "chunks"  # an identity smaller than K still forms one (padded) chunk
+        chunk_counts = [(max(n, num_instance) if padded else n) // num_instance for n in sizes]
+        self.balanced_batches = _max_batches(chunk_counts, self.ids_per_batch)
+        placed = self.balanced_batches * self.global_batch_size
+        leftovers = 0 if padded else self.num_samples - placed
+        self.num_batches = self.balanced_batches + math.ceil(leftovers / self.global_batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         """Selects the shuffle of ``epoch``; call it before iterating each epoch."""
@@ -87,32 +129,55 @@ class IdentitySampler(torch.utils.data.Sampler[int]):
         return self.num_batches * self.batch_size
 
     def __iter__(self) -> Iterator[int]:
-        rng = np.random.default_rng([self.seed, self.epoch])
-        # Chunks grouped by identity, identities in random order; each identity contributes at most num_batches
-        # chunks and the surplus at the tail is dropped.
-        chunks = [
-            chunk
-            for group in rng.permutation(len(self._groups))
-            for chunk in self._identity_chunks(self._groups[group], rng)[: self.num_batches]
-        ][: self.num_batches * self.ids_per_batch]
-        # Dealing chunk k to batch k % B puts an identity's (at most B, consecutive) chunks in distinct batches.
-        batches = [chunks[b :: self.num_batches] for b in range(self.num_batches)]
-        mine = slice(self.rank * self.ids_per_rank, (self.rank + 1) * self.ids_per_rank)
-        for b in rng.permutation(self.num_batches):
-            yield from chain.from_iterable(batches[b][mine])
+        batches, coverage = self.global_batches(self.epoch)
+        self.last_coverage = coverage
+        if self.rank == 0:
+            log.info("identity sampler, epoch %d (%s coverage): %s", self.epoch, self.coverage, coverage.describe())
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        for batch in batches:
+            yield from batch[mine]
 
-    def _identity_chunks(self, images: list[list[int]], rng: np.random.Generator) -> list[list[int]]:
-        """Shuffles one identity's samples into chunks of K, spreading each chunk over distinct images."""
+    def global_batches(self, epoch: int) -> tuple[list[list[int]], EpochCoverage]:
+        """The epoch's global batches (W * batch_size indices each, in yield order) and its coverage counts."""
+        rng = np.random.default_rng([self.seed, epoch])
+        cap = self.balanced_batches
+        chunks, spare = [], []
+        for group in rng.permutation(len(self._groups)):
+            own_chunks, own_spare = self._identity_chunks(self._groups[group], rng)
+            chunks += own_chunks[:cap]
+            spare += [index for chunk in own_chunks[cap:] for index in chunk] + own_spare
+        placed = cap * self.ids_per_batch
+        spare += [index for chunk in chunks[placed:] for index in chunk]
+        # Dealing chunk k to batch k % B puts an identity's (at most B, consecutive) chunks in distinct batches.
+        balanced = [list(chain.from_iterable(chunks[b:placed:cap])) for b in range(cap)]
+        batches = [balanced[b] for b in rng.permutation(cap)]
+        if self.coverage == "all" and spare:
+            size = self.global_batch_size
+            shortfall = -len(spare) % size
+            spare += rng.choice(self.num_samples, size=shortfall, replace=False).tolist()
+            batches += [spare[start : start + size] for start in range(0, len(spare), size)]
+        drawn = [index for batch in batches for index in batch]
+        used = len(set(drawn))
+        return batches, EpochCoverage(self.num_samples, used, self.num_samples - used, len(drawn) - used)
+
+    def _identity_chunks(self, images: list[list[int]], rng: np.random.Generator) -> tuple[list[list[int]], list[int]]:
+        """One identity's samples shuffled into chunks of K (spread over distinct images), and the samples left over.
+
+        Under "chunks" coverage an identity with fewer than K samples gives one chunk completed by cycling its own
+        samples, and the leftovers are dropped by the caller; under "all" they are returned to be drawn elsewhere.
+        """
         per_image = [list(indices) for indices in images]
         for indices in per_image:
             rng.shuffle(indices)
         rng.shuffle(per_image)
         # Round-robin over images: first one caption of every image, then a second one, and so on.
         order = [index for layer in zip_longest(*per_image) for index in layer if index is not None]
-        if len(order) < self.num_instance:
-            order += [order[i] for i in rng.integers(len(order), size=self.num_instance - len(order))]
         k = self.num_instance
-        return [order[start : start + k] for start in range(0, len(order) - k + 1, k)]
+        if len(order) < k and self.coverage == "chunks":
+            order = [order[i % len(order)] for i in range(k)]
+        cut = len(order) - len(order) % k
+        chunks = [order[start : start + k] for start in range(0, cut, k)]
+        return chunks, (order[cut:] if self.coverage == "all" else [])
 
 
 def _max_batches(chunk_counts: Sequence[int], ids_per_batch: int) -> int:

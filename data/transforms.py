@@ -1,12 +1,15 @@
 """Image transforms for training, evaluation and SimCLR views, built from plain config mappings.
 
 Every pipeline resizes with bicubic interpolation and antialiasing, so train and eval images are resampled the same
-way (the seed trained with PIL bicubic and evaluated with bilinear). Augmentations run on float tensors in [0, 1],
-after ``to tensor`` and before normalisation, which is where erasing-type transforms must run.
+way (docs/seed_differences.md). Augmentations run on float tensors in [0, 1], after ``to tensor`` and before
+normalisation, which is where erasing-type transforms must run.
+
+Randomness comes from torch's global generator; `data.datasets.ImageTextDataset` seeds it per sample.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -26,6 +29,35 @@ def _without_size(cls: type[v2.Transform]) -> AugmentationFactory:
     return factory
 
 
+class ShapeRelativeResizedCrop(v2.RandomResizedCrop):
+    """RandomResizedCrop whose aspect-ratio range is relative to each input's own aspect (width / height).
+
+    torchvision's range is absolute (w/h in 3/4..4/3 by default, made for square images): on a person crop of
+    384x128 (w/h = 1/3) no such window fits, every draw falls back to one fixed centre crop, and resizing it back
+    stretches the person 2.25x. Relative to the input, `ratio=(3/4, 4/3)` gives windows of w/h in 1/4..4/9 there: they
+    vary, and the output keeps the person's proportions up to the same factor a square image would get.
+
+    Args:
+        size: Output (H, W).
+        scale: Window area as a fraction of the input's, (min, max).
+        ratio: Window aspect relative to the input's aspect, (min, max).
+        interpolation: Resampling of the window to `size`.
+        antialias: As torchvision's.
+    """
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = v2.query_size(flat_inputs)
+        relative, relative_log = self.ratio, self._log_ratio
+        own = width / height
+        # Rescale the range for this input only; the parent's sampling (and its centre fallback) then sees it.
+        self.ratio = (relative[0] * own, relative[1] * own)
+        self._log_ratio = relative_log + math.log(own)
+        try:
+            return super().make_params(flat_inputs)
+        finally:
+            self.ratio, self._log_ratio = relative, relative_log
+
+
 def _with_size(cls: type[v2.Transform]) -> AugmentationFactory:
     """Adapts a crop class so its ``size`` defaults to the output size."""
 
@@ -39,7 +71,7 @@ def _with_size(cls: type[v2.Transform]) -> AugmentationFactory:
 AUGMENTATIONS: dict[str, AugmentationFactory] = {
     "color_jitter": _without_size(v2.ColorJitter),
     "random_rotation": _without_size(v2.RandomRotation),
-    "random_resized_crop": _with_size(v2.RandomResizedCrop),
+    "random_resized_crop": _with_size(ShapeRelativeResizedCrop),  # `ratio` is relative to the image's aspect
     "random_crop": _with_size(v2.RandomCrop),
     "pad": _without_size(v2.Pad),
     "random_grayscale": _without_size(v2.RandomGrayscale),
@@ -52,8 +84,7 @@ AUGMENTATIONS: dict[str, AugmentationFactory] = {
 class RandomSubset:
     """Applies ``k`` transforms drawn without replacement from a pool, in pool order.
 
-    Draws come from torch's global generator, which DataLoader seeds per worker, so runs seeded with
-    ``seed_everything(..., workers=True)`` are reproducible.
+    Draws come from torch's global generator (seeded per sample by the training dataset).
 
     Args:
         transforms: The pool.
@@ -147,9 +178,10 @@ def build_eval_transform(size: tuple[int, int], mean: Sequence[float], std: Sequ
 
 
 def build_simclr_transform(size: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
-    """SimCLR view (Chen et al., arXiv 2002.05709) with the TBPS-CLIP settings of the seed.
+    """SimCLR view (Chen et al., arXiv 2002.05709) with the TBPS-CLIP settings.
 
-    Random resized crop (scale 0.2-1) -> colour jitter (0.4, 0.4, 0.4, 0.1) with p 0.8 -> grayscale p 0.2 ->
+    Random resized crop (scale 0.2-1, aspect 3/4-4/3 relative to the image's own) -> colour jitter
+    (0.4, 0.4, 0.4, 0.1) with p 0.8 -> grayscale p 0.2 ->
     Gaussian blur (sigma 0.1-2, kernel about 10 % of each side as in SimCLR) with p 0.5 -> horizontal flip ->
     to tensor -> normalise.
 
@@ -161,7 +193,7 @@ def build_simclr_transform(size: tuple[int, int], mean: Sequence[float], std: Se
     kernel = tuple(max(3, int(0.1 * side) // 2 * 2 + 1) for side in (width, height))
     return v2.Compose(
         [
-            v2.RandomResizedCrop((height, width), scale=(0.2, 1.0), interpolation="bicubic", antialias=True),
+            ShapeRelativeResizedCrop((height, width), scale=(0.2, 1.0), interpolation="bicubic", antialias=True),
             v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
             v2.RandomGrayscale(p=0.2),
             v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5),

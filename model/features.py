@@ -13,8 +13,10 @@ from torch import Tensor
 class TrainFeatures:
     """What one forward pass of the training batch produces; image/text features are L2-normalised.
 
-    Shapes: image_feats, text_feats, aug_image_feats, ss_feats_*: (B, D); pids: (B,); logit_scale, logit_bias: ();
-    id_logits_*: (B, num_classes); mlm_logits: (B, L, vocab); mlm_labels: (B, L).
+    `raw_*_feats` are the same embeddings before normalisation, present only when a loss asks for them (CMPM).
+
+    Shapes: image_feats, text_feats, aug_image_feats, ss_feats_*, raw_*_feats: (B, D); pids: (B,); logit_scale,
+    logit_bias: (); id_logits_*: (B, num_classes); mlm_logits: (B, L, vocab); mlm_labels: (B, L).
     """
 
     image_feats: Tensor
@@ -29,6 +31,8 @@ class TrainFeatures:
     id_logits_text: Tensor | None = None
     mlm_logits: Tensor | None = None
     mlm_labels: Tensor | None = None
+    raw_image_feats: Tensor | None = None
+    raw_text_feats: Tensor | None = None
 
 
 #: Per-sample fields a global batch is made of. MLM logits stay local: (B, L, vocab) is too large to gather and
@@ -42,6 +46,8 @@ GATHERED_FIELDS = (
     "ss_feats_b",
     "id_logits_image",
     "id_logits_text",
+    "raw_image_feats",
+    "raw_text_feats",
 )
 
 

@@ -51,21 +51,24 @@ class LossSettings:
     """The `loss` config group. Field names are the seed's, so its YAML files and command lines keep working."""
 
     strategy: str = "baseline"
-    # N-ITC: image-text matching with person-id targets (sigmoid for SigLIP, softmax for CLIP backbones).
+    # N-ITC: image-text matching with person-id targets (sigmoid for SigLIP, softmax for CLIP backbones). Strategies
+    # that replace N-ITC (intrinsic, circle_only) do not read this flag.
     NITC: bool = True
     nitc_loss_weight: float = 1.0
     MVS: bool = True  # multi-view supervision: cross-modal terms are also computed on a second augmented view
-    nitc_mvs_mode: str = "augmented"  # "seed": the seed's no-op MVS for N-ITC (its published numbers used it)
+    nitc_mvs_mode: str = "augmented"  # "seed": N-ITC's second view is the original again (docs/seed_differences.md)
     softlabel_ratio: float = 0.0  # alpha of TBPS-CLIP soft targets, ramped from 0 over the first epoch
-    # Circle Loss (arXiv 2002.10857).
-    CIR: bool = False
+    softlabel_form: str = "probability"  # sigmoid soft targets mixed as probabilities; "seed": mixed with +-1 signs
+    # Circle Loss (arXiv 2002.10857). CIR switches the auxiliary Circle term of `auxiliary` / `auxiliary_cross`;
+    # null follows the strategy, and an explicit value that contradicts it is refused.
+    CIR: bool | None = None
     circle_loss_weight: float = 0.1
     circle_margin: float = 0.25
     circle_gamma: float = 64.0
-    circle_reduction: str = "global"  # "global": the seed's batch-pooled form; "per_anchor": the paper's
+    circle_reduction: str = "global"  # "global": one batch-pooled loss; "per_anchor": the paper's per-anchor mean
     circle_start_epoch: int = 0  # curriculum (TBPS-mSigLIP-CLoRA): weight 0 before this epoch,
     circle_ramp_epochs: int = 0  # then a linear ramp to circle_loss_weight over this many epochs
-    intrinsic_normalization: str = "row"  # NC-ITC: "row" (1/B like N-ITC) or "pairs" (the seed's 1/B^2)
+    intrinsic_normalization: str = "row"  # NC-ITC: "row" (1/B like N-ITC) or "pairs" (1/B^2)
     # Auxiliary terms.
     SS: bool = False  # SimCLR on two strong views of each image
     ss_loss_weight: float = 0.4
@@ -101,23 +104,30 @@ class LossSettings:
             raise ValueError(f"Unknown loss setting(s) {unknown}; valid keys: {sorted(valid)}.")
         return cls(**dict(values))
 
+    @property
+    def record(self) -> Strategy:
+        return STRATEGIES[self.strategy]
+
+    @property
+    def circle_term(self) -> bool:
+        """Whether the strategy's auxiliary Circle term is trained (`CIR` null follows the strategy)."""
+        return self.record.auxiliary_circle and self.CIR is not False
+
+    @property
+    def nitc_term(self) -> bool:
+        """Whether plain N-ITC is trained (only strategies built on N-ITC read the `NITC` flag)."""
+        return self.record.builds_on_nitc and self.NITC
+
     def problems(self, *, use_sigmoid: bool = True) -> list[str]:
         """Every inconsistency in the settings (empty when valid)."""
-        issues = []
         if self.strategy not in STRATEGIES:
-            issues.append(f"loss.strategy={self.strategy!r} is unknown; valid strategies: {sorted(STRATEGIES)}.")
-        elif self.strategy == "intrinsic" and not use_sigmoid:
-            issues.append("loss.strategy=intrinsic re-weights the sigmoid N-ITC: it needs a SigLIP backbone.")
+            return [f"loss.strategy={self.strategy!r} is unknown; valid strategies: {list(STRATEGIES)}."]
+        issues = self._strategy_problems(use_sigmoid)
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if field.name.endswith("_weight") and value < 0:
                 issues.append(f"loss.{field.name} must be >= 0, got {value}.")
-        choices = {
-            "nitc_mvs_mode": ("augmented", "seed"),
-            "circle_reduction": ("global", "per_anchor"),
-            "intrinsic_normalization": ("row", "pairs"),
-        }
-        for key, valid in choices.items():
+        for key, valid in CHOICES.items():
             if getattr(self, key) not in valid:
                 issues.append(f"loss.{key}={getattr(self, key)!r} is unknown; valid: {list(valid)}.")
         if not 0 <= self.softlabel_ratio <= 1:
@@ -129,11 +139,40 @@ class LossSettings:
                 issues.append(f"loss.{key} must be > 0, got {getattr(self, key)}.")
         if self.circle_start_epoch < 0 or self.circle_ramp_epochs < 0:
             issues.append("loss.circle_start_epoch and loss.circle_ramp_epochs must be >= 0.")
-        matching = ("NITC", "CIR", "ITC", "SDM", "CMPM", "RITC")
-        nitc_based = self.strategy in ("baseline", "auxiliary", "auxiliary_cross")
-        if nitc_based and not any(getattr(self, flag) for flag in matching):
+        return issues
+
+    def _strategy_problems(self, use_sigmoid: bool) -> list[str]:
+        """Flags and values that the chosen strategy would silently ignore or cancel."""
+        name, record, issues = self.strategy, self.record, []
+        if record.needs_sigmoid and not use_sigmoid:
+            issues.append(f"loss.strategy={name} re-weights the sigmoid N-ITC: it needs a SigLIP backbone.")
+        if self.CIR is True and not record.auxiliary_circle:
+            with_circle = [n for n, r in STRATEGIES.items() if r.auxiliary_circle]
             issues.append(
-                f"loss.strategy={self.strategy} trains no image-text matching loss; enable one of {matching}."
+                f"loss.CIR=true asks for an auxiliary Circle term, which loss.strategy={name} does not have: choose "
+                f"loss.strategy from {with_circle}, or drop loss.CIR (null follows the strategy)."
+            )
+        if record.auxiliary_circle and (self.CIR is False or self.circle_loss_weight == 0):
+            cancel = "loss.CIR=false" if self.CIR is False else "loss.circle_loss_weight=0"
+            issues.append(
+                f"loss.strategy={name} is defined by its Circle term, which {cancel} removes: use "
+                "loss.strategy=baseline for N-ITC alone, or drop the override."
+            )
+        if not record.auxiliary_circle and (self.circle_start_epoch or self.circle_ramp_epochs):
+            issues.append(
+                f"loss.circle_start_epoch/circle_ramp_epochs schedule the auxiliary Circle term, which "
+                f"loss.strategy={name} does not have; set them to 0."
+            )
+        if self.softlabel_ratio > 0 and not self.nitc_term:
+            issues.append(
+                f"loss.softlabel_ratio={self.softlabel_ratio} softens N-ITC's targets, but loss.strategy={name} with "
+                f"loss.NITC={self.NITC} trains no N-ITC; set loss.softlabel_ratio=0."
+            )
+        matching = ("ITC", "SDM", "CMPM", "RITC")
+        if record.builds_on_nitc and not self.nitc_term and not any(getattr(self, flag) for flag in matching):
+            issues.append(
+                f"loss.strategy={name} with loss.NITC=false trains no image-text matching loss; enable loss.NITC "
+                f"or one of {['loss.' + flag for flag in matching]}."
             )
         return issues
 
@@ -152,9 +191,18 @@ class LossSettings:
         return self.softlabel_ratio * min(epoch, 1.0)
 
 
+#: Valid values of the loss settings that name a variant.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "nitc_mvs_mode": ("augmented", "seed"),
+    "softlabel_form": ("probability", "seed"),
+    "circle_reduction": ("global", "per_anchor"),
+    "intrinsic_normalization": ("row", "pairs"),
+}
+
+
 @dataclass(frozen=True)
 class StepContext:
-    """Where training is: `epoch` counts completed epochs fractionally (global step / steps per epoch)."""
+    """Where training is: `epoch` = the current epoch plus the fraction of its batches already trained."""
 
     epoch: float = 0.0
 
@@ -171,34 +219,53 @@ def _mean_over_views(loss_of_view: Callable[[Tensor], Tensor], views: list[Tenso
     return sum(loss_of_view(image) for image in views) / len(views)
 
 
+def _nitc_views(feats: TrainFeatures, settings: LossSettings) -> list[tuple[Tensor, Tensor]]:
+    """(image view the loss is computed on, image view its soft-label teacher is computed from), per N-ITC term.
+
+    `nitc_mvs_mode=seed`: the second term is computed on the original view again, its teacher on the augmented one
+    (docs/seed_differences.md).
+    """
+    if settings.MVS and settings.nitc_mvs_mode == "seed":
+        return [(feats.image_feats, feats.image_feats), (feats.image_feats, feats.aug_image_feats)]
+    return [(image, image) for image in _views(feats, settings)]
+
+
 def _nitc(feats: TrainFeatures, settings: LossSettings, context: StepContext, *, use_sigmoid: bool) -> Tensor:
     pos_mask = identity_mask(feats.pids, feats.pids)
-    views = _views(feats, settings)
-    if settings.MVS and settings.nitc_mvs_mode == "seed":
-        views = [feats.image_feats, feats.image_feats]  # the seed fed the original view twice (SEED_SPEC 2.3)
     alpha = settings.softlabel_alpha(context.epoch)
+    # The soft-label teacher is a constant: no gradient through its features nor through the temperature and bias.
+    scale, bias = feats.logit_scale.detach(), feats.logit_bias.detach()
 
-    def loss_of_view(image: Tensor) -> Tensor:
+    def loss_of_view(image: Tensor, teacher_image: Tensor) -> Tensor:
         sim = cosine_similarity(feats.text_feats, image)
+        teacher_logits = scale * cosine_similarity(feats.text_feats, teacher_image).detach() if alpha > 0 else None
         if use_sigmoid:
-            soft = None
-            if alpha > 0:  # teacher = the same pairs' current predictions, without gradient (TBPS-CLIP)
-                teacher = torch.sigmoid(feats.logit_scale * sim.detach() + feats.logit_bias.detach())
-                soft = alpha * teacher + (1 - alpha) * pos_mask.float()
+            soft = signs = None
+            if teacher_logits is not None:  # teacher = the batch's current match probabilities (TBPS-CLIP)
+                teacher = torch.sigmoid(teacher_logits + bias)
+                if settings.softlabel_form == "seed":
+                    signs = alpha * teacher + (1 - alpha) * (pos_mask.float() * 2 - 1)
+                else:
+                    soft = alpha * teacher + (1 - alpha) * pos_mask.float()
             return sigmoid_nitc_loss(
-                sim, pos_mask, logit_scale=feats.logit_scale, logit_bias=feats.logit_bias, soft_targets=soft
+                sim,
+                pos_mask,
+                logit_scale=feats.logit_scale,
+                logit_bias=feats.logit_bias,
+                soft_targets=soft,
+                soft_signs=signs,
             )
         soft_t2i = soft_i2t = None
-        if alpha > 0:
-            logits = feats.logit_scale * sim.detach()
+        if teacher_logits is not None:
             targets = pos_mask.float()
-            soft_t2i = alpha * logits.softmax(1) + (1 - alpha) * targets / targets.sum(1, keepdim=True)
-            soft_i2t = alpha * logits.T.softmax(1) + (1 - alpha) * targets.T / targets.T.sum(1, keepdim=True)
+            soft_t2i = alpha * teacher_logits.softmax(1) + (1 - alpha) * targets / targets.sum(1, keepdim=True)
+            soft_i2t = alpha * teacher_logits.T.softmax(1) + (1 - alpha) * targets.T / targets.T.sum(1, keepdim=True)
         return softmax_nitc_loss(
             sim, pos_mask, logit_scale=feats.logit_scale, soft_targets_t2i=soft_t2i, soft_targets_i2t=soft_i2t
         )
 
-    return _mean_over_views(loss_of_view, views)
+    pairs = _nitc_views(feats, settings)
+    return sum(loss_of_view(image, teacher) for image, teacher in pairs) / len(pairs)
 
 
 def _cross_circle(feats: TrainFeatures, settings: LossSettings) -> Tensor:
@@ -224,13 +291,13 @@ def _in_modal_circle(feats: TrainFeatures, settings: LossSettings) -> Tensor:
 
 
 def _with_nitc(circle: Callable[[TrainFeatures, LossSettings], Tensor] | None) -> Callable[..., dict[str, Tensor]]:
-    """N-ITC (if `NITC`) plus an auxiliary circle term (if `CIR`) weighted by the curriculum."""
+    """N-ITC (if `NITC`) plus an auxiliary circle term weighted by the curriculum."""
 
     def strategy(feats: TrainFeatures, settings: LossSettings, context: StepContext, *, use_sigmoid: bool):
         terms = {}
-        if settings.NITC:
+        if settings.nitc_term:
             terms["nitc_loss"] = settings.nitc_loss_weight * _nitc(feats, settings, context, use_sigmoid=use_sigmoid)
-        if circle is not None and settings.CIR:
+        if circle is not None and settings.circle_term:
             terms["circle_loss"] = settings.circle_weight(context.epoch) * circle(feats, settings)
         return terms
 
@@ -253,17 +320,35 @@ def _intrinsic(feats: TrainFeatures, settings: LossSettings, context: StepContex
 
 
 def _circle_only(feats: TrainFeatures, settings: LossSettings, context: StepContext, *, use_sigmoid: bool):
-    # Replaces N-ITC, so it takes N-ITC's weight (the seed stored it under nitc_loss; it is logged as what it is).
+    # Replaces N-ITC, so it takes N-ITC's weight; it is logged as what it is.
     return {"circle_loss": settings.nitc_loss_weight * _cross_circle(feats, settings)}
 
 
-#: loss.strategy -> the main matching terms.
-STRATEGIES: dict[str, Callable[..., dict[str, Tensor]]] = {
-    "baseline": _with_nitc(None),
-    "auxiliary": _with_nitc(_in_modal_circle),
-    "intrinsic": _intrinsic,
-    "circle_only": _circle_only,
-    "auxiliary_cross": _with_nitc(_cross_circle),
+@dataclass(frozen=True)
+class Strategy:
+    """One `loss.strategy`: the function giving its main matching terms and what it builds on.
+
+    Attributes:
+        terms: `(feats, settings, context, *, use_sigmoid) -> {"<name>_loss": weighted term}`.
+        builds_on_nitc: Trains plain N-ITC when `loss.NITC` is on (otherwise the strategy replaces N-ITC).
+        auxiliary_circle: Adds a separate Circle term weighted by `circle_loss_weight` (switched by `loss.CIR`).
+        needs_sigmoid: Only defined for sigmoid (SigLIP) backbones.
+        summary: What it trains, for the log.
+    """
+
+    terms: Callable[..., dict[str, Tensor]]
+    builds_on_nitc: bool
+    auxiliary_circle: bool
+    needs_sigmoid: bool
+    summary: str
+
+
+STRATEGIES: dict[str, Strategy] = {
+    "baseline": Strategy(_with_nitc(None), True, False, False, "N-ITC"),
+    "auxiliary": Strategy(_with_nitc(_in_modal_circle), True, True, False, "N-ITC + in-modal Circle"),
+    "intrinsic": Strategy(_intrinsic, False, False, True, "NC-ITC (circle-reweighted N-ITC, replaces N-ITC)"),
+    "circle_only": Strategy(_circle_only, False, False, False, "cross-modal Circle (replaces N-ITC)"),
+    "auxiliary_cross": Strategy(_with_nitc(_cross_circle), True, True, False, "N-ITC + cross-modal Circle"),
 }
 
 
@@ -299,7 +384,8 @@ def _sdm(feats: TrainFeatures, s: LossSettings) -> Tensor:
 
 
 def _cmpm(feats: TrainFeatures, s: LossSettings) -> Tensor:
-    return cmpm_loss(feats.image_feats, feats.text_feats, feats.pids)
+    # CMPM projects raw image features onto normalised text features (and back): it needs the unnormalised ones.
+    return cmpm_loss(feats.raw_image_feats, feats.raw_text_feats, feats.pids)
 
 
 def _id(feats: TrainFeatures, s: LossSettings) -> Tensor:
@@ -332,7 +418,7 @@ class Objective:
             raise ValueError("Invalid loss settings:\n  " + "\n  ".join(problems))
         self.settings = settings
         self.use_sigmoid = use_sigmoid
-        self._strategy = STRATEGIES[settings.strategy]
+        self._strategy = settings.record.terms
         self._auxiliary = [entry for flag, entry in AUXILIARY_TERMS.items() if getattr(settings, flag)]
 
     @property
@@ -342,6 +428,33 @@ class Objective:
     @property
     def needs_ss_views(self) -> bool:
         return self.settings.SS
+
+    @property
+    def needs_raw_features(self) -> bool:
+        """Some term reads the unnormalised embeddings (`raw_image_feats`, `raw_text_feats`)."""
+        return self.settings.CMPM
+
+    @property
+    def uses_logit_scale(self) -> bool:
+        """Some term reads the learnable temperature (N-ITC, R-ITC, ITC, SDM)."""
+        s = self.settings
+        return s.nitc_term or s.RITC or s.ITC or s.SDM
+
+    @property
+    def uses_logit_bias(self) -> bool:
+        """Some term reads SigLIP's learnable bias: only the sigmoid N-ITC (it cancels in every softmax)."""
+        return self.settings.nitc_term and self.use_sigmoid
+
+    def describe(self) -> str:
+        """The terms this objective trains, with their weights, for the log."""
+        s = self.settings
+        parts = [f"strategy {s.strategy}: {s.record.summary}"]
+        if s.record.builds_on_nitc and not s.NITC:
+            parts.append("N-ITC off (loss.NITC=false)")
+        if s.circle_term:
+            parts.append(f"Circle weight {s.circle_loss_weight} (m {s.circle_margin}, gamma {s.circle_gamma})")
+        parts += [f"{name} x {getattr(s, weight)}" for name, weight, _ in self._auxiliary]
+        return "; ".join(parts)
 
     def __call__(self, feats: TrainFeatures, context: StepContext = StepContext()) -> dict[str, Tensor]:
         # Losses run in float32 with autocast off: under AMP every matmul inside them (similarities, SimCLR logits)

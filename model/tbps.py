@@ -7,7 +7,6 @@ encodes a training batch into `TrainFeatures`; which losses are then computed is
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -19,8 +18,8 @@ from transformers import PreTrainedModel
 from model.features import TrainFeatures
 from model.heads import CrossModalMLMHead, IdentityClassifier
 
-#: exp(logit_scale) is capped here (the seed's clamp value); clamping the log keeps the gradient honest.
-MAX_LOGIT_SCALE = math.log(100.0)
+#: The temperature exp(logit_scale) is capped at this value (CLIP's and SigLIP's cap).
+MAX_TEMPERATURE = 100.0
 
 
 def pooled(output) -> Tensor:
@@ -81,8 +80,13 @@ class TBPS(nn.Module):
 
     @property
     def logit_scale(self) -> Tensor:
-        """Temperature t = exp(t'), with t' clamped to log(100)."""
-        return self.backbone.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp().squeeze()
+        """Temperature t = min(exp(t'), 100) in value, with the gradient of exp(t') (straight-through cap).
+
+        Pre-trained checkpoints start at or above the cap (CLIP at t' = log 100, SigLIP near 4.72): clamping t'
+        itself would give its gradient 0 there and the temperature would never be learned.
+        """
+        temperature = self.backbone.logit_scale.exp().squeeze()
+        return temperature - (temperature - temperature.clamp(max=MAX_TEMPERATURE)).detach()
 
     @property
     def logit_bias(self) -> Tensor:
@@ -111,7 +115,28 @@ class TBPS(nn.Module):
         """L2-normalised text embeddings (B, D)."""
         return F.normalize(self.text_embeddings(input_ids, attention_mask), dim=-1)
 
-    def forward(self, batch: Mapping[str, Tensor], *, aug_view: bool = False, ss_views: bool = False) -> TrainFeatures:
+    def keep_logit_parameters(self, *, scale: bool, bias: bool) -> list[str]:
+        """Freeze `logit_scale` / `logit_bias` when no loss reads them; returns the names frozen.
+
+        A trainable parameter that receives no gradient stops DDP ("Expected to have finished reduction") unless it
+        searches for unused parameters on every step, and would drift under weight decay.
+        """
+        frozen = []
+        for name, used in (("logit_scale", scale), ("logit_bias", bias)):
+            parameter = getattr(self.backbone, name, None)
+            if parameter is not None and parameter.requires_grad and not used:
+                parameter.requires_grad_(False)
+                frozen.append(name)
+        return frozen
+
+    def forward(
+        self,
+        batch: Mapping[str, Tensor],
+        *,
+        aug_view: bool = False,
+        ss_views: bool = False,
+        raw_features: bool = False,
+    ) -> TrainFeatures:
         """Encode a training batch.
 
         Args:
@@ -119,6 +144,7 @@ class TBPS(nn.Module):
                 `ss_images1`, `ss_images2`, and with the MLM head `mlm_input_ids`, `mlm_labels` (all (B, ...)).
             aug_view: Also encode `aug_images` (multi-view supervision).
             ss_views: Also encode the two SimCLR views through the SimCLR head.
+            raw_features: Also return the embeddings before L2 normalisation (for CMPM).
         """
         pixel_values = batch["images"]
         batch_size = pixel_values.shape[0]
@@ -155,4 +181,6 @@ class TBPS(nn.Module):
             id_logits_text=self.classifier(text) if self.classifier is not None else None,
             mlm_logits=mlm_logits,
             mlm_labels=batch.get("mlm_labels") if self.mlm_head is not None else None,
+            raw_image_feats=image if raw_features else None,
+            raw_text_feats=text if raw_features else None,
         )

@@ -45,7 +45,7 @@ def test_image_text_item_keys(samples: list[TrainSample]) -> None:
     dataset = ImageTextDataset(samples, build_eval_transform(SIZE, MEAN, STD))
     item = dataset[1]
     assert len(dataset) == 3
-    assert set(item) == {"index", "pids", "image_ids", "images", "captions"}
+    assert set(item) == {"index", "sample_seeds", "pids", "image_ids", "images", "captions"}
     assert (item["index"], item["pids"], item["image_ids"], item["captions"]) == (1, 0, 1, "caption 1")
     assert item["images"].shape == (3, *SIZE)
 

@@ -292,6 +292,8 @@ def _fp16_features(geometry: str, dim: int = 16, num_classes: int = 5, vocab: in
         id_logits_text=logits(batch, num_classes),
         mlm_logits=logits(batch, 6, vocab),
         mlm_labels=labels,
+        raw_image_feats=logits(batch, dim),
+        raw_text_feats=logits(batch, dim),
     )
 
 
@@ -301,7 +303,6 @@ def _fp16_features(geometry: str, dim: int = 16, num_classes: int = 5, vocab: in
 def test_fp16_features_with_gamma_256_give_finite_losses_and_gradients(strategy, reduction, geometry):
     settings = LossSettings(
         strategy=strategy,
-        CIR=True,
         circle_gamma=256.0,
         circle_reduction=reduction,
         **{flag: True for flag in ("SS", "CITC", "RITC", "ITC", "SDM", "CMPM", "ID", "MLM")},

@@ -49,19 +49,27 @@ def _train_step(checkpoint, settings: LossSettings, num_classes: int = 4) -> dic
             batch["caption_input_ids"], mask_token_id=vocab - 1, vocab_size=vocab, special_token_ids=[0, 1, 2]
         )
     objective = Objective(settings, use_sigmoid=hasattr(backbone, "logit_bias"))
-    feats = model(batch, aug_view=objective.needs_aug_view, ss_views=objective.needs_ss_views)
+    model.keep_logit_parameters(scale=objective.uses_logit_scale, bias=objective.uses_logit_bias)
+    feats = model(
+        batch,
+        aug_view=objective.needs_aug_view,
+        ss_views=objective.needs_ss_views,
+        raw_features=objective.needs_raw_features,
+    )
     terms = objective(feats, StepContext(epoch=3.0))
     total = sum(terms.values())
     total.backward()
-    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
-    assert grads and all(torch.isfinite(g).all() for g in grads)
+    # DDP without find_unused_parameters needs a gradient for every trainable parameter at every step.
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"trainable parameters without a gradient: {missing}"
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     assert torch.isfinite(total)
     return terms
 
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_every_strategy_trains_a_step_with_the_seed_terms(tiny_checkpoint, strategy):
-    terms = _train_step(tiny_checkpoint, LossSettings(strategy=strategy, CIR=True))
+    terms = _train_step(tiny_checkpoint, LossSettings(strategy=strategy))
     assert set(terms) == SEED_STRATEGY_TERMS[strategy]
 
 
@@ -77,7 +85,7 @@ def test_every_auxiliary_term_trains_a_step(tiny_checkpoint, flag):
 
 def test_softmax_backbone_trains_every_strategy_it_supports(tiny_clip_checkpoint):
     for strategy in ("baseline", "auxiliary", "circle_only", "auxiliary_cross"):
-        _train_step(tiny_clip_checkpoint, LossSettings(strategy=strategy, CIR=True, SDM=True, RITC=True))
+        _train_step(tiny_clip_checkpoint, LossSettings(strategy=strategy, SDM=True, RITC=True))
     assert "SigLIP" in " ".join(LossSettings(strategy="intrinsic").problems(use_sigmoid=False))
 
 
@@ -155,7 +163,9 @@ def test_every_term_is_finite_float32_under_autocast_with_gamma_256(tiny_checkpo
     model = TBPS(backbone, Heads(simclr=True))
     objective = Objective(settings)
     with torch.autocast("cpu", dtype=dtype):
-        feats = model(_batch(int(backbone.config.text_config.vocab_size)), aug_view=True, ss_views=True)
+        feats = model(
+            _batch(int(backbone.config.text_config.vocab_size)), aug_view=True, ss_views=True, raw_features=True
+        )
         terms = objective(feats, StepContext(epoch=1.0))
     for name, value in terms.items():
         assert value.dtype == torch.float32 and torch.isfinite(value), name

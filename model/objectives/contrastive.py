@@ -26,7 +26,13 @@ def identity_mask(pids_a: Tensor, pids_b: Tensor) -> Tensor:
 
 
 def sigmoid_nitc_loss(
-    sim: Tensor, pos_mask: Tensor, *, logit_scale: Tensor, logit_bias: Tensor, soft_targets: Tensor | None = None
+    sim: Tensor,
+    pos_mask: Tensor,
+    *,
+    logit_scale: Tensor,
+    logit_bias: Tensor,
+    soft_targets: Tensor | None = None,
+    soft_signs: Tensor | None = None,
 ) -> Tensor:
     """N-ITC with SigLIP's sigmoid loss and person-id targets (arXiv 2303.15343, TBPS-CLIP arXiv 2308.10045).
 
@@ -40,19 +46,23 @@ def sigmoid_nitc_loss(
         logit_scale: Temperature t = exp(t') (already exponentiated).
         logit_bias: Bias b.
         soft_targets: Match probabilities in [0, 1] replacing the hard 0/1 targets (TBPS-CLIP soft labels, mixed by
-            the caller in probability space; the seed mixed probabilities with +-1 signs, which is ill-defined).
-            With `soft_targets = pos_mask` the loss is unchanged.
+            the caller in probability space). With `soft_targets = pos_mask` the loss is unchanged.
+        soft_signs: Multipliers replacing the +-1 signs z, `-log sigmoid(soft_signs * logits)` per pair: the
+            original project's soft labels, probabilities mixed with signs (docs/seed_differences.md). Exclusive
+            with `soft_targets`.
 
     Shapes:
         sim: (B_t, B_i), pos_mask: (B_t, B_i) bool, logit_scale: () or (1,), logit_bias: () or (1,),
-        soft_targets: (B_t, B_i) float -> ()
+        soft_targets: (B_t, B_i) float, soft_signs: (B_t, B_i) float -> ()
     """
+    if soft_targets is not None and soft_signs is not None:
+        raise ValueError("sigmoid_nitc_loss takes soft_targets or soft_signs, not both.")
     logits = logit_scale.float() * sim.float() + logit_bias.float()
     if soft_targets is not None:
         # -[y log s(l) + (1 - y) log s(-l)] per pair; equals -log s(z l) for y in {0, 1}.
         per_pair = F.binary_cross_entropy_with_logits(logits, soft_targets.float(), reduction="none")
         return per_pair.sum(dim=1).mean()
-    signs = pos_mask.float() * 2 - 1
+    signs = pos_mask.float() * 2 - 1 if soft_signs is None else soft_signs.float()
     return -F.logsigmoid(signs * logits).sum(dim=1).mean()
 
 
