@@ -17,7 +17,7 @@ from data.datasets import EpochTaggedSampler, ImageDataset, ImageTextDataset, Te
 from data.images import bad_images_problems, check_images
 from data.mlm import mask_tokens
 from data.readers import READERS, DatasetNotFoundError, DatasetSplits, EvalSplit, read_dataset
-from data.samplers import IdentitySampler, StridedShardSampler
+from data.samplers import COVERAGES, IdentitySampler, StridedShardSampler
 from data.splits import hold_out_identities
 from data.subsets import identity_fold, ten_percent_cuhk_vn3k_mix
 from data.text import CaptionTokenizer
@@ -45,6 +45,8 @@ def data_config_problems(cfg: DictConfig) -> list[str]:
         issues.append(f"model_selection={cfg.model_selection!r} is unknown; valid: ['validation', 'test'].")
     if data.sampler not in SAMPLERS:
         issues.append(f"dataset.sampler={data.sampler!r} is unknown; valid: {list(SAMPLERS)}.")
+    if data.get("sampler_coverage", "chunks") not in COVERAGES:
+        issues.append(f"dataset.sampler_coverage={data.sampler_coverage!r} is unknown; valid: {list(COVERAGES)}.")
     if data.batch_size < 2:
         issues.append(f"dataset.batch_size must be >= 2 for contrastive losses, got {data.batch_size}.")
     if data.sampler == "identity" and (data.num_instance < 1 or data.batch_size % data.num_instance):
@@ -125,6 +127,15 @@ class TBPSDataModule(L.LightningDataModule):
         self.simclr_views = simclr_views
         self.mlm_probability = mlm_probability
         self.splits: DatasetSplits | None = None
+        self.start_epoch = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints: the number of training epochs done, where a resumed run starts."""
+        trainer = self.trainer
+        return {"epochs_done": trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.start_epoch = int(state_dict.get("epochs_done", 0))
 
     def setup(self, stage: str | None = None) -> None:
         """Read the dataset; `stage="test"` (evaluating a checkpoint) needs only the test records."""
@@ -197,24 +208,27 @@ class TBPSDataModule(L.LightningDataModule):
             sampler = DistributedSampler(
                 dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.cfg.seed, drop_last=True
             )
+        tagged = EpochTaggedSampler(sampler)
+        # Lightning starts this loader's iterator (estimating the schedule's length) before it restores its loops and
+        # calls set_epoch, and worker processes prefetch at once: the sampler must already hold the epoch training
+        # starts at, which a resumed run knows from the checkpoint (`load_state_dict`).
+        tagged.set_epoch(self.start_epoch)
         return DataLoader(
             dataset,
-            sampler=EpochTaggedSampler(sampler),
+            sampler=tagged,
             batch_size=data.batch_size,
             num_workers=data.num_workers,
             collate_fn=partial(collate_train, tokenizer=self.tokenizer, mlm_probability=self.mlm_probability),
             # Items are seeded by (seed, epoch, index): workers may persist across epochs without changing results.
             persistent_workers=data.num_workers > 0,
             drop_last=True,
+            generator=_own_generator(self.cfg.seed),
         )
 
     def _eval_loaders(self, split: EvalSplit) -> list[DataLoader]:
         size, mean, std = self._image_cfg()
         data = self.cfg.dataset
-        common = dict(
-            batch_size=data.test_batch_size,
-            num_workers=data.num_workers,
-        )
+        common = dict(batch_size=data.test_batch_size, num_workers=data.num_workers, generator=_own_generator(0))
         gallery = ImageDataset(split.image_paths, split.image_pids, build_eval_transform(size, mean, std))
         queries = TextDataset(split.captions, split.caption_pids)
         world, rank = self._replicas()
@@ -244,6 +258,13 @@ class TBPSDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> list[DataLoader]:
         return self._eval_loaders(self.splits.test)
+
+
+def _own_generator(seed: int) -> torch.Generator:
+    """A DataLoader draws its workers' base seed when an iterator starts (persistent workers: once, otherwise every
+    epoch). From its own generator, that draw leaves the global random stream alone, which dropout uses and
+    checkpoints restore: a resumed run then continues that stream exactly as the uninterrupted run did."""
+    return torch.Generator().manual_seed(seed)
 
 
 def ensure_demo_assets(cfg: DictConfig) -> None:

@@ -129,6 +129,19 @@ class ResumeHint(Callback):
             log.error("%s, before the first epoch ended: no checkpoint to resume from; rerun the command.", where)
 
 
+def checkpoint_dir_of(cfg: DictConfig, run_dir: Path) -> Path:
+    """Where checkpoints go: `run_dir/checkpoints`, or, when resuming, the folder of the checkpoint resumed from.
+
+    Lightning restores a ModelCheckpoint's best score and top-k list only in the folder that wrote them; in a new
+    folder the selection would restart after the resume point, and a preempted run would report another "best" epoch.
+    """
+    if cfg.get("ckpt_path"):
+        folder = Path(cfg.ckpt_path).resolve().parent
+        log.info("Resuming: checkpoints continue in %s (best-checkpoint selection carries over)", folder)
+        return folder
+    return run_dir / "checkpoints"
+
+
 def train(cfg: DictConfig, run_dir: Path, run_name: str = "run", callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """Fit on the train split, select the best epoch on validation, test it.
 
@@ -157,10 +170,11 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str = "run", callbacks: Sequ
     chance = chance_rank1(test.caption_pids, test.image_pids)
     log.info("chance t2i R1: %.2f%%", chance)
 
+    checkpoint_dir = checkpoint_dir_of(cfg, run_dir)
     # epoch03-val_score29.37.ckpt (best on validation t2i R1). No "=" in the name (Lightning's default): Hydra would
     # then need the path quoted in `ckpt_path=...`.
     best = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
+        dirpath=checkpoint_dir,
         filename="epoch{epoch:02d}-val_score{val_score:.2f}",
         auto_insert_metric_name=False,
         **cfg.logger.checkpoint,
@@ -168,7 +182,7 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str = "run", callbacks: Sequ
     # last.ckpt, rewritten after every epoch: the resume point. Lightning's save_last only refreshes it in epochs
     # that also save a best checkpoint, so after a plateau it would hold an old epoch.
     latest = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
+        dirpath=checkpoint_dir,
         filename="last",
         monitor=None,
         save_top_k=1,
