@@ -150,7 +150,9 @@ class TBPSDataModule(L.LightningDataModule):
         if self.cfg.dataset.get("proportion") and not evaluate_only:
             splits = identity_fold(splits, self.cfg.dataset.proportion, self.cfg.dataset.get("fold_id", 0), seed)
         val_identities = self.cfg.dataset.get("val_identities", 0)
-        if splits.val is None and not evaluate_only:
+        # Selecting on test (the peers' protocol) uses no validation split: every training identity trains.
+        selects_on_test = self.cfg.get("model_selection", "validation") == "test"
+        if splits.val is None and not evaluate_only and not selects_on_test:
             if not val_identities:
                 raise ConfigError(
                     [
@@ -252,7 +254,7 @@ class TBPSDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> list[DataLoader]:
         if self.cfg.get("model_selection", "validation") == "test":
-            # The seed's protocol (and IRRA's, TBPS-CLIP's): epochs are selected on the test split. Parity only.
+            # The peers' protocol (IRRA, TBPS-CLIP, the original project): epochs are selected on the test split.
             return self._eval_loaders(self.splits.test)
         return self._eval_loaders(self.splits.val)
 

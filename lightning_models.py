@@ -154,7 +154,7 @@ class TBPSLitModule(L.LightningModule):
         #: Printed after "Val results" / "Test results" (which split and which weights the table is about).
         self.eval_labels: dict[str, str] = {}
         if self.cfg.get("model_selection", "validation") == "test":
-            self.eval_labels["val"] = " [TEST split: the seed's select-on-test protocol, for parity only]"
+            self.eval_labels["val"] = " [TEST split: the peers' select-on-test protocol, for parity only]"
 
     @property
     def text_vocab_size(self) -> int:
@@ -239,7 +239,7 @@ class TBPSLitModule(L.LightningModule):
 
     # ---------------------------------------------------------------- evaluation
     def _eval_step(self, batch: dict[str, Tensor], dataloader_idx: int) -> None:
-        # "dot" keeps the raw pooled embeddings: the seed ranked by unnormalised dot products (its published
+        # "dot" keeps the raw pooled embeddings: the original project ranked by unnormalised dot products (its published
         # numbers); "cosine" (default) ranks by cosine similarity, as training optimises.
         normalise = self.cfg.get("eval_scoring", "cosine") == "cosine"
         if dataloader_idx == GALLERY:

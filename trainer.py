@@ -275,7 +275,7 @@ def user_message(error: InputError) -> str:
 
 
 def run_name_of(config_name: str, overrides: list[str]) -> str:
-    """`<config>_<key>_<value>_...` from the command-line overrides (the seed's experiment names)."""
+    """`<config>_<key>_<value>_...` from the command-line overrides (the original project's experiment names)."""
     parts = [config_name] + [o.lstrip("+~").replace("=", "_").replace("/", "-") for o in sorted(overrides)]
     return "_".join(parts)[:128]
 

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session for the three benchmarks, each under a time limit so partial results survive.
+#   bench/gpu_session.sh                 # all three
+#   bench/gpu_session.sh strategies      # only the named ones (train_throughput, eval_metrics, strategies)
 # Run from the repository root on a CUDA machine whose python3 has torch, transformers, lightning and peft;
 # hydra-core / omegaconf / prettytable may come as wheels in .whl/. Tables land in bench/results_gpu/ (and $OUT).
 set -uo pipefail
@@ -13,10 +15,19 @@ out=bench/results_gpu
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, transformers, lightning, peft; print(torch.__version__, transformers.__version__, lightning.__version__, peft.__version__)"
-echo "== train_throughput"
-timeout 160 python3 bench/train_throughput.py --out "$out" 2>&1 | grep -v -i warn | tail -8
-echo "== eval_metrics"
-timeout 110 python3 bench/eval_metrics.py --device cuda --out "$out" 2>&1 | tail -12
-echo "== strategies"
-timeout 260 python3 bench/strategies.py --jobs 5 --out "$out" --set dataset.num_workers=2 2>&1 | tail -12
+wanted() { [ $# -eq 0 ] || [[ " ${sections} " == *" $1 "* ]]; }
+sections="$*"
+if [ -z "$sections" ] || wanted train_throughput; then
+    echo "== train_throughput"
+    timeout 160 python3 bench/train_throughput.py --out "$out" 2>&1 | grep -v -i warn | tail -8
+fi
+if [ -z "$sections" ] || wanted eval_metrics; then
+    echo "== eval_metrics"
+    timeout 110 python3 bench/eval_metrics.py --device cuda --out "$out" 2>&1 | tail -12
+fi
+if [ -z "$sections" ] || wanted strategies; then
+    echo "== strategies"
+    timeout "${STRATEGIES_TIMEOUT:-260}" python3 bench/strategies.py --jobs 5 --out "$out" --set dataset.num_workers=2 \
+        2>&1 | tail -12
+fi
 if [ -n "${OUT:-}" ]; then cp "$out"/*.md "$out"/*.json "$OUT"/ 2>/dev/null; fi

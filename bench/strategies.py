@@ -5,7 +5,7 @@
     uv run python bench/strategies.py --jobs 5 --set dataset.num_workers=2   # parallel runs on a GPU machine
     uv run python bench/strategies.py --jobs 5 --set dataset.num_workers=2   # parallel runs on a GPU machine
 
-Each run is `trainer.py -cn demo` with the strategy settings of `run_cir_loss.sh` (SEED_SPEC 7.1: N-ITC + MVS +
+Each run is `trainer.py -cn demo` with the strategy settings of `run_cir_loss.sh` (N-ITC + MVS +
 C-ITC common to all, SimCLR off, circle weight 0.1, m 0.25; gamma 128 for the cross-modal strategies as in the README
 result). Results: `bench/results/strategies.md` (table) and `bench/results/strategies.json` (every run).
 """
@@ -26,7 +26,7 @@ from utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 # SimCLR is off: its two extra views per image double the CPU cost of every run (the comparison is the same).
 COMMON = ["loss=cir_msiglip", "loss.SS=false", "loss.circle_loss_weight=0.1", "loss.circle_margin=0.25"]
-#: strategy -> overrides (the five modes of the seed's run scripts).
+#: strategy -> overrides (the five modes of run_cir_loss.sh).
 STRATEGY_OVERRIDES = {
     "baseline": ["loss.strategy=baseline", "loss.CIR=false"],
     "auxiliary": ["loss.strategy=auxiliary", "loss.CIR=true", "loss.circle_gamma=64"],

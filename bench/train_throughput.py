@@ -4,8 +4,8 @@
     uv run python bench/train_throughput.py --small  # CPU-sized shapes, fp32 (bf16 is ~30x slower on most CPUs)
 
 The backbone is `google/siglip-base-patch16-256-multilingual`'s architecture (vocab 250,000, 12+12 layers of width
-768) built from its config with random weights, so no download is needed. Both loops train the seed's selected
-recipe (auxiliary_cross: N-ITC + cross-modal Circle, MVS, SimCLR, C-ITC) on identical synthetic batches (6
+768) built from its config with random weights, so no download is needed. Both loops train the original project's
+selected recipe (auxiliary_cross: N-ITC + cross-modal Circle, MVS, SimCLR, C-ITC) on identical synthetic batches (6
 identities x 4 images, captions of 64 tokens): the Lightning side is `TBPSLitModule` in a `lightning.Trainer`, the
 baseline is a hand-written loop over the same `TBPS` model, objective and optimizer. Measured after warm-up steps,
 per configuration (LoRA r 32 and full fine-tuning): samples/s, peak accelerator memory (or peak RSS on CPU) and

@@ -35,7 +35,7 @@ BAD_IMAGE_FIX = "fix the file, or set dataset.bad_images=skip to drop unreadable
 
 
 def load_rgb(path: Path) -> Image.Image:
-    """Loads an image as RGB, failing once with the path instead of retrying (the seed retried forever).
+    """Loads an image as RGB, failing once with the path instead of retrying.
 
     Raises:
         ImageNotFoundError: The file does not exist.

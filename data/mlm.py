@@ -7,8 +7,7 @@ from collections.abc import Collection
 import torch
 from torch import Tensor
 
-#: Label of positions that the MLM loss ignores (PyTorch's cross-entropy default). The seed used the pad id, which
-#: for SigLIP equals the `</s>` id.
+#: Label of positions that the MLM loss ignores (PyTorch's cross-entropy default).
 IGNORE_INDEX = -100
 
 _MASK_SHARE = 0.8  # of the selected tokens: 80 % -> mask token

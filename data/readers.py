@@ -78,7 +78,7 @@ class EvalSplit:
                 f"EvalSplit lists must be parallel: {len(self.image_pids)} image pids vs {len(self.image_paths)} "
                 f"paths, {len(self.caption_pids)} caption pids vs {len(self.captions)} captions"
             )
-        # A query without any relevant gallery image has undefined recall/mAP (the seed's rank() crashed on it).
+        # A query without any relevant gallery image has undefined recall/mAP.
         orphans = sorted(set(self.caption_pids) - set(self.image_pids))
         if orphans:
             raise DatasetFormatError(

@@ -1,8 +1,8 @@
 """Derived splits: a validation set held out from the training identities when a dataset has none.
 
-VN3K's `validate` split is empty in practice, and selecting checkpoints on the test split (what the seed, IRRA and
-TBPS-CLIP do) makes reported numbers optimistic. Holding out whole identities keeps validation disjoint from both
-training (no shared person) and test.
+VN3K's `validate` split is empty in practice, and selecting checkpoints on the test split (what IRRA, TBPS-CLIP and
+the original project do) makes reported numbers optimistic. Holding out whole identities keeps validation disjoint
+from both training (no shared person) and test.
 """
 
 from __future__ import annotations

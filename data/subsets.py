@@ -1,4 +1,4 @@
-"""Training subsets for data-efficiency experiments: one identity fold, and the seed's 10 % CUHK + VN3K mix."""
+"""Training subsets for data-efficiency experiments: one identity fold, and the 10 % CUHK + VN3K mix."""
 
 from __future__ import annotations
 
@@ -22,9 +22,8 @@ def _remap(samples: list[TrainSample]) -> list[TrainSample]:
 def identity_fold(splits: DatasetSplits, proportion: float, fold_id: int, seed: int) -> DatasetSplits:
     """Keep fold `fold_id` of the training identities cut into `int(1 / proportion)` folds.
 
-    The seed shuffled and cut caption entries, so one person's captions (and images) landed in several folds; here a
-    person belongs to exactly one fold. Identities are shuffled with `Random(seed)`; each fold holds
-    `int(N * proportion)` of them.
+    A person belongs to exactly one fold (docs/seed_differences.md). Identities are shuffled with `Random(seed)`; each
+    fold holds `int(N * proportion)` of them.
     """
     num_folds = int(1 / proportion)
     if not 0 < proportion < 1 or not 0 <= fold_id < num_folds:
@@ -51,7 +50,7 @@ def identity_fold(splits: DatasetSplits, proportion: float, fold_id: int, seed: 
 
 
 def ten_percent_cuhk_vn3k_mix(root: Path, seed: int, *, cuhk_proportion: float = 0.1) -> DatasetSplits:
-    """The seed's TEN_PERCENT_CUHK_VN3K_MIX: 10 % of CUHK-PEDES training identities plus all of VN3K_VI training.
+    """TEN_PERCENT_CUHK_VN3K_MIX: 10 % of CUHK-PEDES training identities plus all of VN3K_VI training.
 
     English CUHK captions help the Vietnamese task through the multilingual text tower. VN3K pids follow CUHK's so
     the two sets of people never share an id. Validation is CUHK-PEDES's own split; test is VN3K's (the target).

@@ -44,7 +44,7 @@ class CaptionTokenizer:
             tokenizer: Any HF tokenizer (SentencePiece `SiglipTokenizer` for m-SigLIP).
             max_length: Text positions of the backbone (64 for m-SigLIP).
             return_attention_mask: SigLIP was pre-trained without a text attention mask, so the default leaves it
-                out; set True to mask pads as the seed did.
+                out; set True to mask pads (parity=seed).
         """
         if tokenizer.pad_token_id is None:
             raise TokenizerError(
@@ -108,7 +108,7 @@ class CaptionTokenizer:
 def random_deletion(text: str, probability: float, rng: random.Random | None = None) -> str:
     """Drop each word with `probability` (EDA, arXiv 1901.11196); always keep at least one word.
 
-    The seed returned a list for one-word captions; this always returns a string.
+    Always returns a string, one-word captions included.
     """
     rng = rng or random  # the module-level generator, which Lightning seeds in every worker
     words = text.split()

@@ -2,7 +2,7 @@
 
 The backbone is always `transformers`' own `SiglipModel` (no vendored modelling code). The only adaptation is the
 vision position-embedding grid: SigLIP checkpoints are square (16x16 patches for the 256 px multilingual model)
-while person crops are tall (the seed trains at 384x128 -> 24x8 patches), so the grid is interpolated once at load
+while person crops are tall (384x128 -> 24x8 patches is usual), so the grid is interpolated once at load
 time instead of on every forward pass.
 """
 

@@ -70,7 +70,7 @@ class CrossModalMLMHead(nn.Module):
             norm_first=True,
         )
         # Nested tensors only apply to post-norm layers; disabling them avoids a warning per construction.
-        self.transformer = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.cross_modal_transformer = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.ln_post = nn.LayerNorm(embed_dim)
         self.mlm_head = nn.Sequential(
             nn.Linear(embed_dim, embed_dim),
@@ -84,11 +84,11 @@ class CrossModalMLMHead(nn.Module):
         attn_std = width**-0.5
         proj_std = attn_std * (2 * depth) ** -0.5
         fc_std = (2 * width) ** -0.5
-        attentions = [self.cross_attn, *(block.self_attn for block in self.transformer.layers)]
+        attentions = [self.cross_attn, *(block.self_attn for block in self.cross_modal_transformer.layers)]
         for attention in attentions:
             nn.init.normal_(attention.in_proj_weight, std=attn_std)
             nn.init.normal_(attention.out_proj.weight, std=proj_std)
-        for block in self.transformer.layers:
+        for block in self.cross_modal_transformer.layers:
             nn.init.normal_(block.linear1.weight, std=fc_std)
             nn.init.normal_(block.linear2.weight, std=proj_std)
         nn.init.normal_(self.mlm_head[0].weight, std=fc_std)
@@ -102,4 +102,4 @@ class CrossModalMLMHead(nn.Module):
         """
         image = self.ln_pre_image(image_hidden)
         fused = self.cross_attn(self.ln_pre_text(text_hidden), image, image, need_weights=False)[0]
-        return self.mlm_head(self.ln_post(self.transformer(fused)))
+        return self.mlm_head(self.ln_post(self.cross_modal_transformer(fused)))

@@ -48,7 +48,7 @@ def _is_number(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class LoraSettings:
-    """The `lora` config group. The defaults are the seed's Circle-Loss runs (`run_cir_loss.sh`)."""
+    """The `lora` config group. The defaults are those of the Circle-Loss runs (`run_cir_loss.sh`)."""
 
     r: int = 32  # adapter rank
     lora_alpha: int = 64  # the update is scaled by lora_alpha / r (2 here)

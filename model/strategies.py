@@ -1,6 +1,6 @@
 """Which losses a training step adds up: the loss settings, the strategy table and the objective built from them.
 
-A *strategy* (`loss.strategy`) decides the main contrastive terms; SEED_SPEC 2.15 gives the combinations:
+A *strategy* (`loss.strategy`) decides the main contrastive terms:
 
 | strategy          | terms                                                                  |
 | ----------------- | ---------------------------------------------------------------------- |
@@ -11,9 +11,9 @@ A *strategy* (`loss.strategy`) decides the main contrastive terms; SEED_SPEC 2.1
 | `auxiliary_cross` | N-ITC + cross-modal Circle                                             |
 
 Multi-view supervision (`MVS`) averages every cross-modal term over the original and the augmented image view.
-*Auxiliary terms* (SimCLR, C-ITC, R-ITC, ITC, SDM, CMPM, ID, MLM) are switched on by the seed's upper-case flags
-and added in every strategy. Both tables are looked up once, when the objective is built, so the training step
-never branches on names.
+*Auxiliary terms* (SimCLR, C-ITC, R-ITC, ITC, SDM, CMPM, ID, MLM) are switched on by upper-case flags (the
+original project's names) and added in every strategy. Both tables are looked up once, when the objective is
+built, so the training step never branches on names.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from model.objectives import (
 
 @dataclass(frozen=True)
 class LossSettings:
-    """The `loss` config group. Field names are the seed's, so its YAML files and command lines keep working."""
+    """The `loss` config group; field names are the original project's, so its YAML files and commands keep working."""
 
     strategy: str = "baseline"
     # N-ITC: image-text matching with person-id targets (sigmoid for SigLIP, softmax for CLIP backbones). Strategies

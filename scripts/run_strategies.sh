@@ -14,16 +14,19 @@ or all five one after the other:
   auxiliary         + in-modal Circle Loss on image and text features (weight 0.1)
   intrinsic         NC-ITC: circle-reweighted N-ITC logits
   circle_only       cross-modal Circle Loss instead of N-ITC
-  auxiliary_cross   N-ITC + cross-modal Circle Loss (weight 0.1): the seed's selected method
+  auxiliary_cross   N-ITC + cross-modal Circle Loss (weight 0.1): the original project's selected method
 
 --config NAME  top-level config (default cir_msiglip: VN3K_VI, 256x256, identity sampler 6x4, batch 24,
                accumulation 3, fp16, 60 epochs, AdamW 1e-4, m 0.25, gamma 128). Use --config demo to try it
                on the embedded dataset and tiny model.
-Any further argument is a Hydra override, e.g. trainer.max_epochs=1 img_size_str="'(384,128)'".
+Any further argument is a Hydra override, e.g. trainer.max_epochs=1 img_size_str="'(384,128)'";
+parity=seed switches the original project's behaviour back on (Circle gamma 64, epochs selected on test, ...),
+parity=seed_published also its published recipe (gamma 128, 256x256); docs/seed_differences.md lists both.
 
 Examples:
   ./$name auxiliary_cross
   ./$name all --config demo trainer.max_epochs=1
+  ./$name auxiliary_cross parity=seed_published
 USAGE
 }
 

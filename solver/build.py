@@ -1,9 +1,11 @@
-"""Optimizer with name-matched parameter groups (the seed's `optimizer.param_groups` layout).
+"""Optimizer with name-matched parameter groups (`optimizer.param_groups`, the original project's layout).
 
 A trainable parameter joins the first named group whose name occurs in the parameter's name (e.g. `backbone`,
-`simclr`), otherwise the `default` group. Each group is split again so that biases and other 1-D parameters
-(norm weights, logit scale/bias) use `weight_decay_bias` (0 by default): decaying them only hurts. Frozen
-parameters are never handed to the optimizer.
+`simclr`), otherwise the `default` group. A named group takes every setting of `default` that it does not set itself,
+and its `lr_factor` (1 if absent) scales default's `lr`, `start_lr` and `end_lr`: `optimizer.param_groups.default.lr`
+therefore moves every group and keeps their ratios through the whole schedule. Each group is split again so that
+biases and other 1-D parameters (norm weights, logit scale/bias) use `weight_decay_bias` (0 by default): decaying them
+only hurts. Frozen parameters are never handed to the optimizer.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ log = logging.getLogger(__name__)
 
 #: Keys of a param-group config that configure the schedule rather than the optimizer.
 SCHEDULE_KEYS = ("start_lr", "end_lr")
+#: Rates of the `default` group that named groups scale by their `lr_factor` instead of setting.
+RATE_KEYS = ("lr", *SCHEDULE_KEYS)
 
 #: `optimizer.type` -> (module, attribute). Resolved lazily so optional packages are imported only when chosen.
 OPTIMIZERS: dict[str, tuple[str, str]] = {
@@ -36,8 +40,23 @@ def optimizer_problems(optimizer_cfg: Mapping[str, Any]) -> list[str]:
     if name not in OPTIMIZERS:
         return [f"optimizer.type={name!r} is unknown; valid: {sorted(OPTIMIZERS)}."]
     issues = []
-    if "default" not in optimizer_cfg.get("param_groups", {}):
+    groups = optimizer_cfg.get("param_groups", {})
+    if "default" not in groups:
         issues.append("optimizer.param_groups needs a `default` group.")
+    else:
+        missing = [key for key in RATE_KEYS if key not in groups["default"]]
+        if missing:
+            issues.append(f"optimizer.param_groups.default needs {missing}.")
+    for group_name, group in groups.items():
+        fixed = [key for key in RATE_KEYS if group_name != "default" and key in (group or {})]
+        if fixed:
+            issues.append(
+                f"optimizer.param_groups.{group_name} sets {fixed}: named groups follow default's rates; set "
+                f"optimizer.param_groups.{group_name}.lr_factor (their ratio to default) or "
+                "optimizer.param_groups.default.lr."
+            )
+        if group_name == "default" and "lr_factor" in (group or {}):
+            issues.append("optimizer.param_groups.default.lr_factor is not allowed: set default.lr itself.")
     module, _ = OPTIMIZERS[name]
     if module.startswith("bitsandbytes"):
         try:
@@ -58,11 +77,22 @@ def _is_no_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim <= 1 or name.endswith(".bias")
 
 
-def param_groups(model: nn.Module, groups_cfg: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+def group_settings(groups_cfg: Mapping[str, Mapping[str, Any] | None], name: str) -> dict[str, Any]:
+    """The settings of group `name`: `default`'s, overridden by the group's own, rates scaled by its `lr_factor`."""
+    default = dict(groups_cfg["default"])
+    own = dict(groups_cfg.get(name) or {}) if name != "default" else {}
+    factor = float(own.pop("lr_factor", 1.0))
+    settings = {**default, **own}
+    for key in RATE_KEYS:
+        settings[key] = default[key] * factor
+    return settings
+
+
+def param_groups(model: nn.Module, groups_cfg: Mapping[str, Mapping[str, Any] | None]) -> list[dict[str, Any]]:
     """Split the trainable parameters of `model` into optimizer param groups.
 
-    Returns dicts with `params`, `name` (`<group>` or `<group>/no_decay`), the optimizer keys of the group config
-    and its `start_lr` / `end_lr` (read by the scheduler, ignored by torch optimizers).
+    Returns dicts with `params`, `name` (`<group>` or `<group>/no_decay`), the optimizer keys of the group's settings
+    (`group_settings`) and its `start_lr` / `end_lr` (read by the scheduler, ignored by torch optimizers).
     """
     named = [name for name in groups_cfg if name != "default"]
     buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
@@ -74,7 +104,7 @@ def param_groups(model: nn.Module, groups_cfg: Mapping[str, Mapping[str, Any]]) 
 
     result = []
     for (group, no_decay), params in buckets.items():
-        cfg = dict(groups_cfg[group])
+        cfg = group_settings(groups_cfg, group)
         decay_bias = cfg.pop("weight_decay_bias", 0.0)
         if no_decay:
             cfg["weight_decay"] = decay_bias
@@ -105,7 +135,7 @@ def build_optimizer(optimizer_cfg: Mapping[str, Any], model: nn.Module) -> torch
         raise ValueError("The model has no trainable parameters: check backbone.freeze and the LoRA settings.")
     defaults = {
         k: v
-        for k, v in optimizer_cfg["param_groups"]["default"].items()
+        for k, v in group_settings(optimizer_cfg["param_groups"], "default").items()
         if k not in (*SCHEDULE_KEYS, "weight_decay_bias")
     }
     if "betas" in defaults:

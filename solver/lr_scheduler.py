@@ -1,4 +1,4 @@
-"""Per-iteration learning-rate schedules with warmup (the seed's `LRSchedulerWithWarmup`, as pure functions).
+"""Per-iteration learning-rate schedules with warmup (the original project's schedule, as pure functions).
 
 Each param group warms up linearly from its `start_lr` to its `lr`, then follows the decay `mode` towards its
 `end_lr`. The schedule steps once per optimizer step, so gradient accumulation does not stretch it.
@@ -34,6 +34,10 @@ def _exp(progress: float, base: float, end: float, options: Mapping[str, Any]) -
     return base * (max(end, 1e-12) / base) ** progress
 
 
+def _to_zero(progress: float, base: float, end: float, _: Mapping[str, Any]) -> float:
+    return base * (1 - progress)
+
+
 def _constant(progress: float, base: float, end: float, _: Mapping[str, Any]) -> float:
     return base
 
@@ -42,6 +46,10 @@ def _step(progress: float, base: float, end: float, options: Mapping[str, Any]) 
     milestones: Sequence[float] = options.get("milestones", (0.5, 0.75))  # fractions of the decay phase
     return base * options.get("gamma", 0.1) ** sum(progress >= milestone for milestone in milestones)
 
+
+#: scheduler.seed_decay=true: the original project's `linear` and `exp` modes, both lr * (1 - r) towards 0 whatever
+#: end_lr (docs/seed_differences.md).
+SEED_DECAYS: dict[str, Decay] = {"linear": _to_zero, "exp": _to_zero}
 
 #: scheduler.mode -> decay after warmup.
 DECAYS: dict[str, Decay] = {
@@ -70,7 +78,9 @@ def lr_at(
         return start_lr + (base_lr - start_lr) * step / warmup_steps
     decay_steps = max(total_steps - warmup_steps, 1)
     progress = min((step - warmup_steps) / decay_steps, 1.0)
-    return DECAYS[mode](progress, base_lr, end_lr, options or {})
+    options = options or {}
+    decays = {**DECAYS, **SEED_DECAYS} if options.get("seed_decay") else DECAYS
+    return decays[mode](progress, base_lr, end_lr, options)
 
 
 def scheduler_problems(scheduler_cfg: Mapping[str, Any]) -> list[str]:

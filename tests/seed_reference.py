@@ -1,11 +1,12 @@
 """Float64 reference of the original ("seed") project's loss formulas, used as a test oracle.
 
 This module is an independent, deliberately unoptimised transcription of the loss definitions of the
-original project (``SEED_SPEC.md`` section 2: 2.1-2.5 and 2.12-2.15). It was written from that
-functional description only, not from the implementation under test, so that tests can compare the
-implementation against values computed by a second, readable derivation.
+original project (N-ITC with its soft labels and multi-view quirk, SimCLR, C-ITC, the pooled in-modal and
+cross-modal Circle losses, NC-ITC, and the strategy table; docs/seed_differences.md). It was written from a
+functional description of that project only, not from the implementation under test, so that tests can
+compare the implementation against values computed by a second, readable derivation.
 
-Conventions (``SEED_SPEC.md`` section 2):
+Conventions:
 
 * ``P[i, j] = [pid_i == pid_j]``; sigmoid targets ``z = 2P - 1``.
 * N-ITC logits ``l[i, j] = s * <t_i, v_j> + b`` (text rows, image columns); the loss is
@@ -80,7 +81,7 @@ def _bce_with_logits(logit: float, target: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------
-# 2.2 N-ITC (sigmoid mode)
+# N-ITC (sigmoid mode)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -99,7 +100,7 @@ def _nitc_sigmoid_with_targets(
 
 
 def seed_nitc_sigmoid(text: torch.Tensor, image: torch.Tensor, pids, scale: float, bias: float) -> float:
-    """Seed sigmoid N-ITC with hard labels (section 2.2, alpha = 0).
+    """Seed sigmoid N-ITC with hard labels, alpha = 0.
 
     Args:
         text: (B, D) L2-normalised text features.
@@ -126,7 +127,7 @@ def seed_nitc_sigmoid_soft(
     bias: float,
     alpha: float,
 ) -> float:
-    """Seed sigmoid N-ITC with the seed's soft-label mixing (section 2.2).
+    """Seed sigmoid N-ITC with the seed's soft-label mixing.
 
     The teacher logits are ``s * tt_i . ti_j + b`` from the (normalised, gradient-free) teacher features,
     and the sign multiplier becomes ``z <- alpha * sigmoid(teacher) + (1 - alpha) * (2P - 1)``.
@@ -159,7 +160,7 @@ def seed_nitc_sigmoid_soft(
 
 
 # ---------------------------------------------------------------------------------------------------
-# 2.12 / 2.13 Circle losses (pooled "global pairwise" form)
+# Circle losses (pooled "global pairwise" form)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -184,7 +185,7 @@ def _pooled_circle(
 
 
 def seed_in_modal_circle(feats: torch.Tensor, pids, margin: float, gamma: float) -> float:
-    """Seed in-modal circle loss over one modality (section 2.12).
+    """Seed in-modal circle loss over one modality.
 
     Positives are ordered pairs ``i != j`` with equal pids, negatives ordered pairs with different pids.
 
@@ -207,7 +208,7 @@ def seed_in_modal_circle(feats: torch.Tensor, pids, margin: float, gamma: float)
 
 
 def seed_cross_modal_circle(image: torch.Tensor, text: torch.Tensor, pids, margin: float, gamma: float) -> float:
-    """Seed cross-modal circle loss (section 2.13).
+    """Seed cross-modal circle loss.
 
     ``S = V T^T`` (image rows, text columns); positives are all same-pid pairs including the diagonal,
     negatives all other pairs.
@@ -232,7 +233,7 @@ def seed_cross_modal_circle(image: torch.Tensor, text: torch.Tensor, pids, margi
 
 
 # ---------------------------------------------------------------------------------------------------
-# 2.14 Intrinsic NC-ITC
+# Intrinsic NC-ITC
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -254,7 +255,7 @@ def _intrinsic_one_direction(sim: torch.Tensor, ids: list[int], margin: float, g
 
 
 def seed_intrinsic(image: torch.Tensor, text: torch.Tensor, pids, margin: float, gamma: float) -> float:
-    """Seed intrinsic N-ITC ("NC-ITC", section 2.14).
+    """Seed intrinsic N-ITC ("NC-ITC").
 
     Args:
         image: (B, D) image features (normalised here).
@@ -290,7 +291,7 @@ def _nt_xent_one_side(anchor: torch.Tensor, other: torch.Tensor, tau: float) -> 
 
 
 def seed_simclr(a: torch.Tensor, b: torch.Tensor, tau: float) -> float:
-    """Seed SimCLR / NT-Xent loss (section 2.4).
+    """Seed SimCLR / NT-Xent loss.
 
     Args:
         a: (B, D) SimCLR head outputs of view 1 (normalised here).
@@ -308,7 +309,7 @@ def seed_simclr(a: torch.Tensor, b: torch.Tensor, tau: float) -> float:
 def seed_citc(
     image: torch.Tensor, text: torch.Tensor, scale: float, bias: float, inmodal_weight: float, intermodal_weight: float
 ) -> float:
-    """Seed cyclic ITC (section 2.5).
+    """Seed cyclic ITC.
 
     Args:
         image: (B, D) image features (normalised here).
@@ -339,7 +340,7 @@ def seed_citc(
 
 
 # ---------------------------------------------------------------------------------------------------
-# 2.15 Strategy -> total loss
+# Strategy -> total loss
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -366,7 +367,7 @@ def seed_strategy_total(
     citc_inter: float = 0.25,
     alpha: float = 0.0,
 ) -> float:
-    """Seed total training loss of one step for a strategy (section 2.15), with the seed's MVS quirk.
+    """Seed total training loss of one step for a strategy, with the seed's MVS quirk.
 
     N-ITC strategies (``baseline``, ``auxiliary``, ``auxiliary_cross``): with MVS the second N-ITC term
     scores the ORIGINAL image features again; only its soft-label teacher (``alpha > 0``) uses the

@@ -1,4 +1,4 @@
-"""Circle losses against ANCHORS' numeric test vectors and slow pure-Python loop references."""
+"""Circle losses against numeric test vectors computed by hand from the paper's formula, and slow loop references."""
 
 import math
 
@@ -17,7 +17,7 @@ from model.objectives.contrastive import cosine_similarity, identity_mask
 PIDS = [0, 0, 1, 1, 1, 2, 3, 3]  # pid 2 has no positive in-modal: the per-anchor mean must skip it
 REDUCTIONS = ["global", "per_anchor"]
 
-# ANCHORS 4: flat s_p, flat s_n, margin, gamma -> batch-global loss.
+# Hand-computed from the paper's formula: flat s_p, flat s_n, margin, gamma -> batch-global loss.
 VECTORS = [
     ([0.8], [0.3], 0.25, 64.0, 0.865893),
     ([0.8, 0.6], [0.3, 0.1, -0.2], 0.25, 64.0, 8.046461),

@@ -29,7 +29,7 @@ def _head() -> CrossModalMLMHead:
 def test_mlm_head_output_shape_with_different_text_and_image_lengths():
     head = _head()
     assert head(torch.randn(2, 7, 32), torch.randn(2, 11, 32)).shape == (2, 7, 50)
-    assert len(head.transformer.layers) == 2
+    assert len(head.cross_modal_transformer.layers) == 2
 
 
 def test_mlm_head_gradient_reaches_every_parameter_and_both_inputs():
@@ -56,7 +56,7 @@ def test_mlm_head_uses_clip_style_init_scaled_by_width_and_depth():
     head = CrossModalMLMHead(256, 10, num_heads=8, depth=4)
     assert head.cross_attn.in_proj_weight.std().item() == pytest.approx(256**-0.5, rel=0.05)
     expected_proj = 256**-0.5 * 8**-0.5
-    assert head.transformer.layers[0].linear2.weight.std().item() == pytest.approx(expected_proj, rel=0.05)
+    assert head.cross_modal_transformer.layers[0].linear2.weight.std().item() == pytest.approx(expected_proj, rel=0.05)
 
 
 @pytest.mark.parametrize("num_heads", [5, 0])

@@ -19,7 +19,7 @@ GROUPS = {
         "start_lr": 1e-5,
         "end_lr": 1e-4,
     },
-    "backbone": {"lr": 1e-4, "weight_decay": 0.05, "weight_decay_bias": 0.0, "start_lr": 1e-6, "end_lr": 1e-5},
+    "backbone": {"lr_factor": 0.1, "weight_decay": 0.05},  # lr 1e-4, start 1e-6, end 1e-5
 }
 
 
@@ -80,3 +80,105 @@ def test_scheduler_steps_each_group_on_its_own_schedule():
         scheduler.step()
     lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
     assert lrs["default"] == pytest.approx(1e-3) and lrs["backbone"] == pytest.approx(1e-4)
+
+
+# ---------------------------------------------------------------- the original project's groups and schedules
+# Expected values derived by hand from the original project's optimizer configs and schedule definition (heads at a
+# constant 5x the backbone's rate: lr 5e-5, start 5e-6, end 2.5e-5; cosine after a linear warmup of 20 % of the
+# steps), not from this code.
+
+#: TBPS parameter name -> (group, lr, start_lr, end_lr, betas, weight_decay) under optimizer=tbps_clip.
+SEED_TBPS_CLIP_GROUPS = {
+    "backbone.text_model.embeddings.token_embedding.weight": ("backbone", 1e-5, 1e-6, 5e-6, (0.9, 0.95), 0.0),
+    "simclr_mlp.0.weight": ("simclr", 5e-5, 5e-6, 2.5e-5, (0.9, 0.98), 0.2),
+    "classifier.fc.weight": ("classifier", 5e-5, 5e-6, 2.5e-5, (0.9, 0.98), 0.2),
+    "mlm_head.cross_attn.in_proj_weight": ("cross", 5e-5, 5e-6, 2.5e-5, (0.9, 0.98), 0.2),
+    "mlm_head.cross_modal_transformer.layers.0.linear1.weight": ("cross", 5e-5, 5e-6, 2.5e-5, (0.9, 0.98), 0.2),
+    "mlm_head.ln_post.weight": ("default/no_decay", 1e-5, 1e-6, 5e-6, (0.9, 0.95), 0.0),
+    "mlm_head.mlm_head.0.weight": ("default", 1e-5, 1e-6, 5e-6, (0.9, 0.95), 0.0),
+}
+
+
+def _tbps_with_every_head(checkpoint):
+    from model.backbone import load_backbone
+    from model.tbps import TBPS, Heads
+
+    backbone = load_backbone(checkpoint, image_size=(32, 16))
+    return TBPS(backbone, Heads(simclr=True, num_classes=4, mlm_depth=1))
+
+
+def _group_of(optimizer, parameter):
+    return next(group for group in optimizer.param_groups if any(p is parameter for p in group["params"]))
+
+
+def test_heads_follow_the_original_projects_groups_and_rates(tiny_checkpoint):
+    from tests.conftest import compose_config
+
+    model = _tbps_with_every_head(tiny_checkpoint)
+    cfg = compose_config("m_siglip", ["optimizer=tbps_clip"])
+    optimizer = build_optimizer(cfg.optimizer, model)
+    named = dict(model.named_parameters())
+    for name, (group, lr, start, end, betas, decay) in SEED_TBPS_CLIP_GROUPS.items():
+        settings = _group_of(optimizer, named[name])
+        assert settings["name"] == group, name
+        assert (settings["lr"], settings["start_lr"], settings["end_lr"]) == pytest.approx((lr, start, end)), name
+        assert tuple(settings["betas"]) == betas and settings["weight_decay"] == decay, name
+
+
+def test_the_default_learning_rate_override_moves_every_group_and_keeps_the_ratios(tiny_checkpoint):
+    from tests.conftest import compose_config
+
+    model = _tbps_with_every_head(tiny_checkpoint)
+    cfg = compose_config("m_siglip", ["optimizer=tbps_clip", "optimizer.param_groups.default.lr=2e-5"])
+    optimizer = build_optimizer(cfg.optimizer, model)
+    rates = {group["name"]: group["lr"] for group in optimizer.param_groups}
+    assert rates["backbone"] == pytest.approx(2e-5) and rates["simclr"] == pytest.approx(1e-4)
+    assert rates["cross"] == pytest.approx(1e-4) and rates["default"] == pytest.approx(2e-5)
+
+
+def test_a_fixed_rate_in_a_named_group_is_refused_with_the_keys_that_work():
+    from tests.conftest import compose_config
+
+    cfg = compose_config("m_siglip", ["optimizer=tbps_clip", "+optimizer.param_groups.simclr.lr=1e-3"])
+    (problem,) = optimizer_problems(cfg.optimizer)
+    assert "optimizer.param_groups.simclr.lr_factor" in problem and "optimizer.param_groups.default.lr" in problem
+
+
+def test_cir_test_gives_the_simclr_head_the_original_betas(tiny_checkpoint):
+    from tests.conftest import compose_config
+
+    model = _tbps_with_every_head(tiny_checkpoint)
+    optimizer = build_optimizer(compose_config("cir_msiglip").optimizer, model)
+    simclr = _group_of(optimizer, model.simclr_mlp[0].weight)
+    assert simclr["betas"] == (0.9, 0.999) and simclr["weight_decay"] == 0.05 and simclr["lr"] == pytest.approx(1e-4)
+    classifier = _group_of(optimizer, model.classifier.fc.weight)  # no classifier group: default's settings
+    assert classifier["name"] == "default" and classifier["weight_decay"] == 0.01
+
+
+@pytest.mark.parametrize(
+    ("group", "expected"),
+    [
+        ("backbone", [1e-6, 5.5e-6, 1e-5, 7.5e-6, 5.0019274094e-6]),
+        ("simclr", [5e-6, 2.75e-5, 5e-5, 3.75e-5, 2.5009637047e-5]),
+    ],
+)
+def test_cosine_schedule_of_a_100_step_run_at_the_original_key_points(tiny_checkpoint, group, expected):
+    from tests.conftest import compose_config
+
+    model = _tbps_with_every_head(tiny_checkpoint)
+    cfg = compose_config("m_siglip", ["optimizer=tbps_clip"])
+    optimizer = build_optimizer(cfg.optimizer, model)
+    scheduler = build_scheduler(optimizer, cfg.scheduler, total_steps=100)
+    seen = {}
+    for step in range(100):
+        seen[step] = next(g["lr"] for g in optimizer.param_groups if g["name"] == group)
+        optimizer.step()
+        scheduler.step()
+    assert [seen[step] for step in (0, 10, 20, 60, 99)] == pytest.approx(expected, rel=1e-6)
+
+
+def test_seed_decay_makes_linear_decay_to_zero_whatever_the_end_rate():
+    kwargs = dict(base_lr=1e-5, start_lr=1e-6, end_lr=5e-6, warmup_steps=20, total_steps=100, mode="linear")
+    seed = [lr_at(step, **kwargs, options={"seed_decay": True}) for step in (20, 60, 99)]
+    assert seed == pytest.approx([1e-5, 5e-6, 1.25e-7])  # lr0 * (1 - r), r = (t - 20) / 80
+    assert lr_at(99, **kwargs) == pytest.approx(1e-5 + (5e-6 - 1e-5) * 79 / 80)  # towards end_lr

@@ -1,4 +1,4 @@
-"""Console tables of retrieval results (the seed's `Task | R1 | R5 | R10 | mAP | mINP` layout)."""
+"""Console tables of retrieval results (the `Task | R1 | R5 | R10 | mAP | mINP` layout of the field)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Circle Loss (Sun et al., "Circle Loss: A Unified Perspective of Pair Similarity Optimization", CVPR 2020,
-arXiv 2002.10857): in-modal, cross-modal and inside N-ITC ("intrinsic", the seed's NC-ITC).
+arXiv 2002.10857): in-modal, cross-modal and inside N-ITC ("intrinsic", NC-ITC).
 
 For a set of positive similarities s_p and negative similarities s_n, with margin m and scale gamma,
 
@@ -10,11 +10,11 @@ where the self-paced weights a_p = [1 + m - s_p]_+ and a_n = [s_n + m]_+ are con
 boundary is the circle s_n^2 + (s_p - 1)^2 = 2 m^2, so training pushes s_p towards 1 and s_n towards 0.
 
 Recommended values: the paper uses m = 0.25, gamma = 256 for face recognition and person re-ID, m = 0.4, gamma = 80
-for fine-grained retrieval (pytorch-metric-learning's default); fast-reid uses m = 0.25, gamma = 128; the mSigLIP
-TBPS projects use m = 0.25 with gamma 64 in-modal and 128 cross-modal.
+for fine-grained retrieval (pytorch-metric-learning's default); fast-reid uses m = 0.25, gamma = 128; the original
+mSigLIP Circle-Loss project's code uses m = 0.25, gamma = 64 for every Circle term, its published result gamma 128.
 
 Reductions: "global" pools every positive and every negative pair of the batch into one LSE each and returns one
-softplus for the batch (the seed's form, which produced its published numbers); "per_anchor" is the paper's form,
+softplus for the batch (the original project's form; docs/seed_differences.md); "per_anchor" is the paper's form,
 one loss per anchor row over its own positives and negatives, averaged over the anchors that have both.
 
 Everything computes in float32: with gamma up to 256 the logits reach about 1000, which logsumexp and softplus
@@ -106,7 +106,7 @@ def in_modal_circle_loss(
 
     Features are L2-normalised and S = X X^T. Positives are the ordered pairs (i, j), i != j, of the same person (a
     feature is never its own positive); negatives are the pairs of different persons. Both orders of a pair are
-    kept, as in the seed: under "global" this multiplies the sum inside the log by 4. Paper values: m = 0.25,
+    kept: under "global" this multiplies the sum inside the log by 4. Paper values: m = 0.25,
     gamma = 256 (re-ID); the mSigLIP projects use m = 0.25, gamma = 64 in-modal. With no positive or no negative
     (all pids distinct, or all equal) the loss is a zero with zero gradient.
 
@@ -115,7 +115,7 @@ def in_modal_circle_loss(
         pids: Person ids.
         margin: Relaxation m.
         gamma: Scale.
-        reduction: "global" (one pooled loss for the batch, the seed's form) or "per_anchor" (the paper's form).
+        reduction: "global" (one pooled loss for the batch) or "per_anchor" (the paper's form).
 
     Shapes:
         features: (B, D), pids: (B,) -> () float32
@@ -149,7 +149,7 @@ def cross_modal_circle_loss(
         pids: Person ids shared by the image and text of each row.
         margin: Relaxation m.
         gamma: Scale.
-        reduction: "global" (one pooled loss for the batch, the seed's form) or "per_anchor" (the paper's form).
+        reduction: "global" (one pooled loss for the batch) or "per_anchor" (the paper's form).
 
     Shapes:
         image_features: (B, D), text_features: (B, D), pids: (B,) -> () float32
@@ -178,17 +178,17 @@ def intrinsic_nitc_loss(
     gamma: float = 64.0,
     normalization: Literal["row", "pairs"] = "row",
 ) -> Tensor:
-    """N-ITC with circle logits in place of SigLIP's scaled similarities (the seed's "NC-ITC", "intrinsic").
+    """N-ITC with circle logits in place of SigLIP's scaled similarities ("NC-ITC", strategy "intrinsic").
 
     Each pair gets a sigmoid loss on its circle logit (Sun et al., CVPR 2020, arXiv 2002.10857), weights detached:
     g_ij = gamma [1 + m - s_ij]_+ (s_ij - (1 - m)) for positives (same person, diagonal included) and
     g_ij = gamma [s_ij + m]_+ (s_ij - m) for negatives, then binary cross-entropy with logits g against pos_mask.
-    The learnable SigLIP scale and bias are not used. Defaults follow the seed's config (m = 0.25, gamma = 64).
+    The learnable SigLIP scale and bias are not used. Defaults: m = 0.25, gamma = 64.
 
     Normalisation: "row" sums over columns and averages over rows, SigLIP's 1/B, so the loss is on the scale of
-    N-ITC (the fix). "pairs" averages over all B_t * B_i entries like the seed, which makes the loss B_i times smaller
-    than "row"; keep it only to reproduce the seed. The seed also added the transposed direction, which is the same
-    value (pos_mask is symmetric) and is therefore computed once here.
+    N-ITC. "pairs" averages over all B_t * B_i entries (the original project's, `parity=seed`), which makes the loss
+    B_i times smaller than "row". The transposed direction has the same value (pos_mask is symmetric), so it is
+    computed once.
 
     Args:
         sim: Cosine similarities (text rows, image columns).

@@ -72,8 +72,8 @@ def cyclic_itc_loss(
     """C-ITC of CyCLIP (arXiv 2205.14459) in cosine space.
 
     In-modal term: image-image and text-text similarity matrices should agree. Cross-modal term: the image-text
-    matrix should be symmetric. The seed computes both on scaled logits and divides by the squared scale, which is
-    the same quantity.
+    matrix should be symmetric. Computing both on scaled logits and dividing by the squared scale gives the same
+    quantity.
 
     Shapes:
         image_feats: (B, D), text_feats: (B, D) -> ()
@@ -90,8 +90,8 @@ def reverse_itc_loss(sim: Tensor, pos_mask: Tensor, *, logit_scale: Tensor, eps:
     """R-ITC of TBPS-CLIP: reverse KL from the predicted matching distribution to the identity targets.
 
     Rows are softmax distributions over `logit_scale * sim` (a bias would cancel, so the loss works with sigmoid
-    and softmax backbones alike); targets are the pid-normalised positives smoothed by `eps` and renormalised (the
-    seed left them unnormalised and ignored `eps`). Averaged over both retrieval directions.
+    and softmax backbones alike); targets are the pid-normalised positives smoothed by `eps` and renormalised
+    (docs/seed_differences.md). Averaged over both retrieval directions.
 
     Shapes:
         sim: (B_t, B_i), pos_mask: (B_t, B_i) bool, logit_scale: () -> ()

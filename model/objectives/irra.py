@@ -97,9 +97,8 @@ def sdm_loss(sim: Tensor, pos_mask: Tensor, *, logit_scale: Tensor | float, epsi
 
     `L = sum_{dir in (t2i, i2t)} mean_i sum_j p_ij (log p_ij - log(y_ij + epsilon))` with `p` the row softmax of
     `logit_scale * sim` (of its transpose for i2t) and `y` the row-normalised positives of that direction. The two
-    directions are summed, as in IRRA. The seed normalised `P` by the wrong axis (harmless only for square
-    symmetric masks) and raised for sigmoid backbones; here each direction normalises its own rows and any
-    backbone works, because a bias would cancel in the softmax.
+    directions are summed, as in IRRA. Each direction normalises its own rows, and any backbone works because a bias
+    would cancel in the softmax (sigmoid backbones included, as in the original project: docs/seed_differences.md).
 
     Shapes:
         sim: (B_t, B_i), pos_mask: (B_t, B_i) bool, logit_scale: () or (1,) -> ()
@@ -116,8 +115,9 @@ def cmpm_loss(image_feats: Tensor, text_feats: Tensor, pids: Tensor, *, epsilon:
     Image-to-text scores are scalar projections of each image feature onto the normalised text features,
     `s_ij = x_i . z_j / |z_j|`; text-to-image scores project text onto normalised images, `s'_ij = z_i . x_j / |x_j|`.
     With `p = softmax_row(s)` and `q_ij = P_ij / sum_k P_ik` (image i and text j of the same person),
-    `L = mean_i sum_j p_ij log(p_ij / (q_ij + epsilon)) + (the same for s')`: both directions summed. The seed
-    scored image against image (`x x^T`), which ignored the text entirely in the image-to-text term.
+    `L = mean_i sum_j p_ij log(p_ij / (q_ij + epsilon)) + (the same for s')`: both directions summed. The features
+    must be the raw embeddings: on normalised ones the softmax runs over cosines at temperature 1 and cannot approach
+    its minimum.
 
     Shapes:
         image_feats: (B, D), text_feats: (B, D), pids: (B,) -> ()
