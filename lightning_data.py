@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from functools import partial
@@ -16,7 +17,7 @@ from torch.utils.data import DataLoader, DistributedSampler, default_collate
 from data.datasets import EpochTaggedSampler, ImageDataset, ImageTextDataset, TextDataset
 from data.images import bad_images_problems, check_images
 from data.mlm import mask_tokens
-from data.readers import READERS, DatasetNotFoundError, DatasetSplits, EvalSplit, read_dataset
+from data.readers import READERS, DatasetNotFoundError, DatasetSplits, EvalSplit, bad_records_problems, read_dataset
 from data.samplers import COVERAGES, IdentitySampler, StridedShardSampler
 from data.splits import hold_out_identities
 from data.subsets import identity_fold, ten_percent_cuhk_vn3k_mix
@@ -55,6 +56,7 @@ def data_config_problems(cfg: DictConfig) -> list[str]:
             "with the identity sampler."
         )
     issues += bad_images_problems(data.get("bad_images", "fail"))
+    issues += bad_records_problems(data.get("bad_records", "fail"))
     unknown_aug = sorted(set(cfg.aug.img.augment_cfg or {}) - set(AUGMENTATIONS))
     if unknown_aug:
         issues.append(f"aug.img.augment_cfg has unknown augmentation(s) {unknown_aug}; valid: {sorted(AUGMENTATIONS)}.")
@@ -68,22 +70,27 @@ def collate_train(
 ) -> dict[str, Any]:
     """Stack a training batch, tokenise its (already augmented) captions and, for MLM, mask a copy of them.
 
-    The masking generator is seeded from the first sample's seed, so it too depends only on (seed, epoch, samples).
+    Each caption is masked with a generator seeded from its own sample's seed, so the masks, like the image views,
+    depend only on (seed, epoch, sample), not on which samples share its batch or process.
     """
     captions = [sample["captions"] for sample in samples]
     batch = default_collate([{k: v for k, v in sample.items() if k != "captions"} for sample in samples])
     for key, value in tokenizer(captions).items():
         batch[f"caption_{key}"] = value
     if mlm_probability:
-        generator = torch.Generator().manual_seed(int(samples[0]["sample_seeds"]))
-        batch["mlm_input_ids"], batch["mlm_labels"] = mask_tokens(
-            batch["caption_input_ids"],
-            mask_token_id=tokenizer.tokenizer.mask_token_id,
-            vocab_size=tokenizer.vocab_size,
-            special_token_ids=tokenizer.special_token_ids,
-            probability=mlm_probability,
-            generator=generator,
-        )
+        rows = [
+            mask_tokens(
+                ids,
+                mask_token_id=tokenizer.tokenizer.mask_token_id,
+                vocab_size=tokenizer.vocab_size,
+                special_token_ids=tokenizer.special_token_ids,
+                probability=mlm_probability,
+                generator=torch.Generator().manual_seed(int(sample["sample_seeds"])),
+            )
+            for ids, sample in zip(batch["caption_input_ids"], samples)
+        ]
+        batch["mlm_input_ids"] = torch.stack([masked for masked, _ in rows])
+        batch["mlm_labels"] = torch.stack([labels for _, labels in rows])
         if "caption_attention_mask" in batch:
             batch["mlm_attention_mask"] = batch["caption_attention_mask"]
     return batch
@@ -143,10 +150,13 @@ class TBPSDataModule(L.LightningDataModule):
             return
         evaluate_only = stage == "test"
         name, root, seed = self.cfg.dataset.dataset_name, Path(self.cfg.dataset_root_dir), self.cfg.seed
+        bad_records = self.cfg.dataset.get("bad_records", "fail")
         if name in MIXES:
-            splits = MIXES[name](root, seed)
+            splits = MIXES[name](root, seed, bad_records=bad_records)
         else:
-            splits = read_dataset(name, root, require_train=not evaluate_only)
+            splits = read_dataset(name, root, require_train=not evaluate_only, bad_records=bad_records)
+        if evaluate_only:  # only the test images are read: nothing else needs to exist or be decoded
+            splits = dataclasses.replace(splits, train=[], val=None)
         if self.cfg.dataset.get("proportion") and not evaluate_only:
             splits = identity_fold(splits, self.cfg.dataset.proportion, self.cfg.dataset.get("fold_id", 0), seed)
         val_identities = self.cfg.dataset.get("val_identities", 0)
@@ -156,8 +166,9 @@ class TBPSDataModule(L.LightningDataModule):
             if not val_identities:
                 raise ConfigError(
                     [
-                        f"{splits.name} under {splits.root} has no validation split, and checkpoints are selected on "
-                        "validation, never on test: set dataset.val_identities=<n> to hold out n training identities."
+                        f"{splits.name} under {splits.root} has no validation split to select checkpoints on: set "
+                        "dataset.val_identities=<n> to hold out n training identities for it, or model_selection=test "
+                        "for the peers' protocol (every training identity trains, epochs are selected on test)."
                     ]
                 )
             splits = hold_out_identities(splits, val_identities, seed)

@@ -129,6 +129,15 @@ class ResumeHint(Callback):
             log.error("%s, before the first epoch ended: no checkpoint to resume from; rerun the command.", where)
 
 
+def protocol_of(cfg: DictConfig) -> str:
+    """How the reported numbers were obtained, for the log and results.json."""
+    if cfg.get("model_selection", "validation") == "test":
+        return "peers' protocol: every training identity trained, epochs selected on the test split"
+    held_out = cfg.dataset.get("val_identities", 0)
+    source = f"{held_out} training identities held out" if held_out else "the dataset's validation split"
+    return f"epochs selected on validation ({source} when the dataset has no validation split of its own)"
+
+
 def checkpoint_dir_of(cfg: DictConfig, run_dir: Path) -> Path:
     """Where checkpoints go: `run_dir/checkpoints`, or, when resuming, the folder of the checkpoint resumed from.
 
@@ -168,7 +177,7 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str = "run", callbacks: Sequ
         )
     test = datamodule.splits.test
     chance = chance_rank1(test.caption_pids, test.image_pids)
-    log.info("chance t2i R1: %.2f%%", chance)
+    log.info("chance t2i R1: %.2f%%; protocol: %s", chance, protocol_of(cfg))
 
     checkpoint_dir = checkpoint_dir_of(cfg, run_dir)
     # epoch03-val_score29.37.ckpt (best on validation t2i R1). No "=" in the name (Lightning's default): Hydra would
@@ -210,7 +219,7 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str = "run", callbacks: Sequ
     trainer.test(module, datamodule=datamodule, verbose=False)
     test_last = module.eval_results["test"]
     best_path = best.best_model_path or None
-    selection = "validation" if cfg.get("model_selection", "validation") == "validation" else "TEST (seed parity)"
+    selection = "validation" if cfg.get("model_selection", "validation") == "validation" else "TEST (peers' protocol)"
     module.eval_labels["test"] = f" (checkpoint selected on {selection}: {best_path or 'final weights'})"
     trainer.test(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)
     results = {
@@ -219,6 +228,7 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str = "run", callbacks: Sequ
         "chance_t2i_R1": chance,
         "best_checkpoint": best_path,
         "model_selection": cfg.get("model_selection", "validation"),
+        "protocol": protocol_of(cfg),
     }
     if trainer.is_global_zero:
         atomic_write_json(run_dir / "results.json", results)

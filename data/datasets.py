@@ -6,6 +6,7 @@ Items carry raw caption strings; tokenisation happens in the collate function.
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,19 +53,21 @@ def load_rgb(path: Path) -> Image.Image:
         raise ImageReadError(f"cannot read image {path} ({err}); {BAD_IMAGE_FIX}") from err
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
+def sample_seed(seed: int, epoch: int, index: int, repeat: int = 0) -> int:
     """A 63-bit seed for the random draws of one training sample in one epoch.
 
-    Augmentations drawn from it depend only on (run seed, epoch, sample index): not on the DataLoader worker that
-    happens to load the sample, the number of workers or processes, nor on what ran before (so a resumed run draws
-    exactly what the uninterrupted run drew).
+    Augmentations drawn from it depend only on (run seed, epoch, sample index, how many times the sample was already
+    drawn this epoch): not on the DataLoader worker that happens to load the sample, the number of workers, nor on
+    what ran before (so a resumed run draws exactly what the uninterrupted run drew). A sample drawn twice in an epoch
+    (an identity padded to K) gets two different augmentations.
     """
-    state = np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint32)
+    state = np.random.SeedSequence([seed, epoch, index, repeat]).generate_state(2, dtype=np.uint32)
     return (int(state[0]) << 31) ^ int(state[1])
 
 
 class EpochTaggedSampler(Sampler):
-    """Yields `(epoch, index)` for every index of a wrapped sampler, so a dataset item knows its epoch.
+    """Yields `(epoch, index, repeat)` for every index of a wrapped sampler, so a dataset item knows its epoch and how
+    many times this process already drew it in the epoch.
 
     `set_epoch` (called by Lightning before every training epoch, resumed ones included) is passed on to the wrapped
     sampler.
@@ -82,17 +85,23 @@ class EpochTaggedSampler(Sampler):
     def __len__(self) -> int:
         return len(self.sampler)
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch = self.epoch
-        return ((epoch, index) for index in self.sampler)
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        return _tagged(self.epoch, iter(self.sampler))
+
+
+def _tagged(epoch: int, indices: Iterator[int]) -> Iterator[tuple[int, int, int]]:
+    drawn: Counter[int] = Counter()
+    for index in indices:
+        yield epoch, index, drawn[index]
+        drawn[index] += 1
 
 
 class ImageTextDataset(Dataset):
     """Training pairs, one item per caption, each augmented from its own seeded generator.
 
-    Items are looked up by `(epoch, index)` (see `EpochTaggedSampler`) or by a plain index (epoch 0). Every random
-    draw of an item (image augmentations, caption word deletion, and the MLM masking of its batch) comes from
-    `sample_seed(seed, epoch, index)`.
+    Items are looked up by `(epoch, index, repeat)` (see `EpochTaggedSampler`) or by a plain index (epoch 0). Every
+    random draw of an item (image augmentations, caption word deletion, the MLM masking of its caption) comes from
+    `sample_seed(seed, epoch, index, repeat)`.
 
     Args:
         samples: Reader output (``DatasetSplits.train``).
@@ -124,15 +133,15 @@ class ImageTextDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        epoch, index = key if isinstance(key, tuple) else (0, key)
+    def __getitem__(self, key: int | tuple[int, ...]) -> dict[str, Any]:
+        epoch, index, repeat = (*key, 0)[:3] if isinstance(key, tuple) else (0, key, 0)
         sample = self.samples[index]
         image = load_rgb(sample.image_path)
-        seed = sample_seed(self.seed, epoch, index)
-        # The transforms draw from torch's global generator: seed it for this sample only, and leave the caller's
-        # stream as it was.
+        seed = sample_seed(self.seed, epoch, index, repeat)
+        # The transforms draw from torch's CPU generator: seed it for this sample only (the CUDA generators, which
+        # dropout uses in the main process, are not touched), and leave the caller's stream as it was.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
             item = {
                 "index": index,
                 "sample_seeds": seed,

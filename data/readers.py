@@ -3,6 +3,12 @@
 Every dataset is one JSON list of image records under ``<root>/<folder>/<annotation>`` with images under
 ``<root>/<folder>/imgs/``. Readers validate the records, split them into train / validation / test and return
 plain dataclasses; they never open images, so reading the 40k-image CUHK-PEDES annotation takes well under a second.
+
+What the peers' readers tolerate is read here too: an ``id`` written as a numeric string or a float with an integer
+value is the number it spells, and ``val``, ``validate``, ``validation`` and ``valid`` all name the validation split.
+Records that are still malformed (a blank or ``null`` caption, an id that is not a number, no image path) follow
+``dataset.bad_records``: ``fail`` names the file, record and field; ``skip`` drops the caption (or the record, when
+nothing usable is left), counts them and logs the first few.
 """
 
 from __future__ import annotations
@@ -23,6 +29,14 @@ from utils.errors import InputError
 log = logging.getLogger(__name__)
 
 IMAGE_DIR = "imgs"
+#: Values of `dataset.bad_records`.
+BAD_RECORD_POLICIES = ("fail", "skip")
+#: Split values read as the validation split.
+VALIDATION_SPLITS = ("val", "validate", "validation", "valid")
+#: How many dropped records or captions the skip policy quotes in its warning.
+SHOWN_PROBLEMS = 5
+#: The end of every malformed-record message under the fail policy.
+BAD_RECORD_FIX = "fix it, or set dataset.bad_records=skip to drop malformed captions and records and count them"
 
 
 class DatasetFormatError(InputError):
@@ -121,6 +135,13 @@ class DatasetSplits:
         return rows
 
 
+def bad_records_problems(policy: str) -> list[str]:
+    """Config-time check of `dataset.bad_records`; empty when valid."""
+    if policy in BAD_RECORD_POLICIES:
+        return []
+    return [f"dataset.bad_records={policy!r} is unknown; valid: {list(BAD_RECORD_POLICIES)}."]
+
+
 @dataclass(frozen=True)
 class _Layout:
     """Where a dataset lives on disk and which keys its records use."""
@@ -129,7 +150,6 @@ class _Layout:
     annotation: str
     path_key: str
     caption_keys: tuple[str, ...]
-    val_split: str
 
 
 @dataclass(frozen=True)
@@ -142,12 +162,12 @@ class _Record:
 
 
 _LAYOUTS: dict[str, _Layout] = {
-    "CUHK-PEDES": _Layout("CUHK-PEDES", "reid_raw.json", "file_path", ("captions",), "val"),
-    "ICFG-PEDES": _Layout("ICFG-PEDES", "ICFG-PEDES.json", "file_path", ("captions",), "val"),
-    "RSTPReid": _Layout("RSTPReid", "data_captions.json", "img_path", ("captions",), "val"),
-    "VN3K_VI": _Layout("VN3K", "data_captions.json", "file_path", ("captions",), "validate"),
-    "VN3K_EN": _Layout("VN3K", "data_captions.json", "file_path", ("en_captions",), "validate"),
-    "VN3K_MIXED": _Layout("VN3K", "data_captions.json", "file_path", ("en_captions", "captions"), "validate"),
+    "CUHK-PEDES": _Layout("CUHK-PEDES", "reid_raw.json", "file_path", ("captions",)),
+    "ICFG-PEDES": _Layout("ICFG-PEDES", "ICFG-PEDES.json", "file_path", ("captions",)),
+    "RSTPReid": _Layout("RSTPReid", "data_captions.json", "img_path", ("captions",)),
+    "VN3K_VI": _Layout("VN3K", "data_captions.json", "file_path", ("captions",)),
+    "VN3K_EN": _Layout("VN3K", "data_captions.json", "file_path", ("en_captions",)),
+    "VN3K_MIXED": _Layout("VN3K", "data_captions.json", "file_path", ("en_captions", "captions")),
 }
 
 
@@ -188,52 +208,69 @@ def _load_json_list(annotation: Path) -> list[Any]:
     return data
 
 
+def _person_id(record: dict[str, Any], where: str) -> int:
+    """The record's ``id``: an int, a numeric string (``"12"``) or an integral float (``12.0``), as peers read it."""
+    value = _field(record, "id", object, where)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        return int(value.strip())
+    raise DatasetFormatError(f"{where}: key 'id' must be a person id number, got {type(value).__name__} {value!r:.60}")
+
+
 def _field(record: dict[str, Any], key: str, expected: type, where: str) -> Any:
     """Returns ``record[key]``, raising if it is missing or of the wrong type (bools are not ints)."""
     if key not in record:
-        raise DatasetFormatError(f"{where}: missing key '{key}' ({expected.__name__}); add it to the record")
+        raise DatasetFormatError(f"{where}: missing key '{key}' ({expected.__name__})")
     value = record[key]
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         raise DatasetFormatError(
-            f"{where}: key '{key}' must be {expected.__name__}, got {type(value).__name__} {value!r:.60}; "
-            "fix the record"
+            f"{where}: key '{key}' must be {expected.__name__}, got {type(value).__name__} {value!r:.60}"
         )
     return value
 
 
-def _captions(record: dict[str, Any], key: str, where: str) -> list[str]:
-    """Returns the caption list under ``key`` after checking it holds non-blank strings.
+def _captions(record: dict[str, Any], key: str, where: str, dropped: list[str] | None) -> list[str]:
+    """Returns the non-blank captions under ``key``; a blank or non-string one raises, or with ``dropped`` (the skip
+    policy) is left out and described there.
 
     Captions are kept as written; NFC and whitespace normalisation happen at tokenisation (``data.text``).
     """
     captions = _field(record, key, list, where)
-    if not captions:
-        raise DatasetFormatError(
-            f"{where}: key '{key}' must be a non-empty list of captions, got []; add a caption or remove the record"
-        )
+    kept = []
     for i, caption in enumerate(captions):
-        if not isinstance(caption, str) or not caption.strip():
-            raise DatasetFormatError(
-                f"{where}: key '{key}' item {i} must be a non-empty string, got {caption!r:.60}; "
-                "fix or remove that caption"
-            )
-    return captions
+        if isinstance(caption, str) and caption.strip():
+            kept.append(caption)
+            continue
+        problem = f"{where}: key '{key}' item {i} must be a non-empty caption, got {caption!r:.60}"
+        if dropped is None:
+            raise DatasetFormatError(problem)
+        dropped.append(problem)
+    return kept
 
 
-def _parse(raw: Any, index: int, annotation: Path, layout: _Layout, image_dir: Path) -> tuple[str, _Record]:
-    """Validates one raw record and returns its split value with the parsed record."""
+def _parse(
+    raw: Any, index: int, annotation: Path, layout: _Layout, image_dir: Path, dropped: list[str] | None
+) -> tuple[str, _Record]:
+    """Validates one raw record and returns its split value with the parsed record.
+
+    With ``dropped`` (the skip policy) malformed captions are left out and described there; a record with nothing
+    usable raises DatasetFormatError like any malformed record, which the caller drops under the skip policy.
+    """
     where = f"{annotation}: record {index}"
     if not isinstance(raw, dict):
-        raise DatasetFormatError(f"{where}: must be a JSON object, got {type(raw).__name__}; fix or remove it")
-    raw_id = _field(raw, "id", int, where)
+        raise DatasetFormatError(f"{where}: must be a JSON object, got {type(raw).__name__}")
+    raw_id = _person_id(raw, where)
     where = f"{where} (id={raw_id})"
     path = _field(raw, layout.path_key, str, where)
     if not path.strip():
-        raise DatasetFormatError(
-            f"{where}: key '{layout.path_key}' must be a non-empty image path under imgs/; fix the record"
-        )
-    captions = [caption for key in layout.caption_keys for caption in _captions(raw, key, where)]
+        raise DatasetFormatError(f"{where}: key '{layout.path_key}' must be a non-empty image path under imgs/")
     split = _field(raw, "split", str, where)
+    captions = [caption for key in layout.caption_keys for caption in _captions(raw, key, where, dropped)]
+    if not captions:
+        raise DatasetFormatError(f"{where}: no non-empty caption under {list(layout.caption_keys)}")
     return split, _Record(raw_id, image_dir / path, captions)
 
 
@@ -257,26 +294,51 @@ def _eval_split(records: list[_Record]) -> EvalSplit:
     )
 
 
-def _read(name: str, layout: _Layout, root: str | Path, *, require_train: bool = True) -> DatasetSplits:
+def _read(
+    name: str, layout: _Layout, root: str | Path, *, require_train: bool = True, bad_records: str = "fail"
+) -> DatasetSplits:
     """Reads one dataset laid out as ``layout`` under ``root``; ``require_train=False`` allows a test-only file."""
+    if problems := bad_records_problems(bad_records):
+        raise DatasetFormatError(problems[0])
     folder, annotation = _locate(name, layout, Path(root))
     by_split: dict[str, list[_Record]] = {}
+    dropped_captions: list[str] | None = [] if bad_records == "skip" else None
+    dropped_records: list[str] = []
     for index, raw in enumerate(_load_json_list(annotation)):
-        split, record = _parse(raw, index, annotation, layout, folder / IMAGE_DIR)
-        by_split.setdefault(split, []).append(record)
+        try:
+            split, record = _parse(raw, index, annotation, layout, folder / IMAGE_DIR, dropped_captions)
+        except DatasetFormatError as error:
+            if bad_records != "skip":
+                raise DatasetFormatError(f"{error}; {BAD_RECORD_FIX}") from None
+            dropped_records.append(str(error))
+            continue
+        by_split.setdefault("val" if split in VALIDATION_SPLITS else split, []).append(record)
+    if dropped_records or dropped_captions:
+        shown = (dropped_records + (dropped_captions or []))[:SHOWN_PROBLEMS]
+        log.warning(
+            "%s: dataset.bad_records=skip dropped %d records and %d captions; first: %s",
+            annotation,
+            len(dropped_records),
+            len(dropped_captions or []),
+            " | ".join(shown),
+        )
 
-    known = ("train", layout.val_split, "test")
+    known = ("train", "val", "test")
     ignored = Counter({split: len(recs) for split, recs in by_split.items() if split not in known})
     if ignored:
         log.warning(
-            "%s: ignored %d records with split values outside %s: %s", annotation, ignored.total(), known, dict(ignored)
+            "%s: %d records have split values other than train, test or %s and are not used: %s",
+            annotation,
+            ignored.total(),
+            "/".join(VALIDATION_SPLITS),
+            dict(ignored),
         )
     for required in ("train", "test") if require_train else ("test",):
         if not by_split.get(required):
             raise DatasetFormatError(
                 f"{annotation}: no record has key 'split' == '{required}'; {name} needs train and test records"
             )
-    val_records = by_split.get(layout.val_split)
+    val_records = by_split.get("val")
     splits = DatasetSplits(
         name=name,
         root=folder,
@@ -295,7 +357,9 @@ READERS: dict[str, Callable[..., DatasetSplits]] = {
 }
 
 
-def read_dataset(name: str, root: str | Path, *, require_train: bool = True) -> DatasetSplits:
+def read_dataset(
+    name: str, root: str | Path, *, require_train: bool = True, bad_records: str = "fail"
+) -> DatasetSplits:
     """Reads a dataset by registry name.
 
     Args:
@@ -303,6 +367,7 @@ def read_dataset(name: str, root: str | Path, *, require_train: bool = True) -> 
             ``VN3K_MIXED``).
         root: Folder that contains the dataset folder (for example ``<root>/CUHK-PEDES/reid_raw.json``).
         require_train: False to evaluate on a dataset whose annotation holds only test records.
+        bad_records: ``fail`` or ``skip`` malformed captions and records (module docstring).
 
     Returns:
         The validated train, validation and test splits.
@@ -316,4 +381,4 @@ def read_dataset(name: str, root: str | Path, *, require_train: bool = True) -> 
         raise UnknownDatasetError(
             f"unknown dataset '{name}'; set dataset.dataset_name to one of the valid names: {sorted(READERS)}"
         )
-    return READERS[name](Path(root), require_train=require_train)
+    return READERS[name](Path(root), require_train=require_train, bad_records=bad_records)

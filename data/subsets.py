@@ -49,13 +49,16 @@ def identity_fold(splits: DatasetSplits, proportion: float, fold_id: int, seed: 
     return dataclasses.replace(splits, train=train)
 
 
-def ten_percent_cuhk_vn3k_mix(root: Path, seed: int, *, cuhk_proportion: float = 0.1) -> DatasetSplits:
+def ten_percent_cuhk_vn3k_mix(
+    root: Path, seed: int, *, cuhk_proportion: float = 0.1, bad_records: str = "fail"
+) -> DatasetSplits:
     """TEN_PERCENT_CUHK_VN3K_MIX: 10 % of CUHK-PEDES training identities plus all of VN3K_VI training.
 
     English CUHK captions help the Vietnamese task through the multilingual text tower. VN3K pids follow CUHK's so
     the two sets of people never share an id. Validation is CUHK-PEDES's own split; test is VN3K's (the target).
     """
-    cuhk, vn3k = read_dataset("CUHK-PEDES", root), read_dataset("VN3K_VI", root)
+    cuhk = read_dataset("CUHK-PEDES", root, bad_records=bad_records)
+    vn3k = read_dataset("VN3K_VI", root, bad_records=bad_records)
     cuhk_part = identity_fold(cuhk, cuhk_proportion, 0, seed).train
     offset = max(s.pid for s in cuhk_part) + 1
     images_offset = max(s.image_id for s in cuhk.train) + 1

@@ -158,6 +158,12 @@ class LossSettings:
                 f"loss.strategy={name} is defined by its Circle term, which {cancel} removes: use "
                 "loss.strategy=baseline for N-ITC alone, or drop the override."
             )
+        if self.nitc_loss_weight == 0 and (not record.builds_on_nitc or self.nitc_term):
+            main = "N-ITC" if record.builds_on_nitc else record.summary
+            issues.append(
+                f"loss.nitc_loss_weight=0 removes the main term of loss.strategy={name} ({main}); set it > 0, or "
+                "loss.NITC=false to train without N-ITC."
+            )
         if not record.auxiliary_circle and (self.circle_start_epoch or self.circle_ramp_epochs):
             issues.append(
                 f"loss.circle_start_epoch/circle_ramp_epochs schedule the auxiliary Circle term, which "

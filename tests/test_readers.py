@@ -131,7 +131,7 @@ def test_empty_validation_split_is_none(tmp_path: Path) -> None:
     assert read_dataset("VN3K_VI", tmp_path).val is None
 
 
-@pytest.mark.parametrize(("name", "foreign"), [("VN3K_EN", "val"), ("CUHK-PEDES", "validate")])
+@pytest.mark.parametrize(("name", "foreign"), [("VN3K_EN", "dev"), ("CUHK-PEDES", "gallery")])
 def test_other_split_values_are_counted(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, name: str, foreign: str
 ) -> None:
@@ -143,7 +143,18 @@ def test_other_split_values_are_counted(
         splits = read_dataset(name, tmp_path)
     assert splits.val is not None and splits.val.image_pids == [60]
     warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
-    assert "ignored 4 records" in warning and f"'{foreign}': 3" in warning and "'query': 1" in warning
+    assert "4 records have split values other than" in warning and f"'{foreign}': 3" in warning
+    assert "'query': 1" in warning
+
+
+@pytest.mark.parametrize("name", ["VN3K_VI", "CUHK-PEDES"])
+def test_every_validation_spelling_the_peers_write_is_the_validation_split(tmp_path: Path, name: str) -> None:
+    _, _, path_key, _ = LAYOUTS[name]
+    records = [r for r in standard_records(name) if r["split"] in ("train", "test")]
+    spellings = ["val", "validate", "validation", "valid"]
+    records += [record(70 + i, f"v{i}.png", split, path_key=path_key) for i, split in enumerate(spellings)]
+    write_dataset(tmp_path, name, records)
+    assert read_dataset(name, tmp_path).val.image_pids == [70, 71, 72, 73]
 
 
 def test_summary_table_is_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -198,8 +209,9 @@ def _set(key: str, value: Any) -> Any:
     ("name", "corrupt", "key", "expected"),
     [
         ("CUHK-PEDES", _drop("id"), "id", "missing"),
-        ("CUHK-PEDES", _set("id", "7"), "id", "must be int"),
-        ("CUHK-PEDES", _set("id", True), "id", "must be int"),
+        ("CUHK-PEDES", _set("id", "seven"), "id", "must be a person id number"),
+        ("CUHK-PEDES", _set("id", True), "id", "must be a person id number"),
+        ("CUHK-PEDES", _set("id", 7.5), "id", "must be a person id number"),
         ("CUHK-PEDES", _drop("file_path"), "file_path", "missing"),
         ("RSTPReid", _drop("img_path"), "img_path", "missing"),
         ("CUHK-PEDES", _set("file_path", 12), "file_path", "must be str"),
@@ -208,9 +220,9 @@ def _set(key: str, value: Any) -> Any:
         ("VN3K_EN", _drop("en_captions"), "en_captions", "missing"),
         ("VN3K_MIXED", _drop("en_captions"), "en_captions", "missing"),
         ("CUHK-PEDES", _set("captions", "a man"), "captions", "must be list"),
-        ("CUHK-PEDES", _set("captions", []), "captions", "non-empty list"),
-        ("CUHK-PEDES", _set("captions", ["ok", "   "]), "captions", "item 1 must be a non-empty string"),
-        ("CUHK-PEDES", _set("captions", ["ok", None]), "captions", "item 1 must be a non-empty string"),
+        ("CUHK-PEDES", _set("captions", []), "captions", "no non-empty caption"),
+        ("CUHK-PEDES", _set("captions", ["ok", "   "]), "captions", "item 1 must be a non-empty caption"),
+        ("CUHK-PEDES", _set("captions", ["ok", None]), "captions", "item 1 must be a non-empty caption"),
         ("CUHK-PEDES", _set("captions", [""]), "captions", "item 0"),
         ("CUHK-PEDES", _drop("split"), "split", "missing"),
         ("CUHK-PEDES", _set("split", 1), "split", "must be str"),
@@ -224,6 +236,7 @@ def test_bad_record_names_file_record_and_key(tmp_path: Path, name: str, corrupt
         read_dataset(name, tmp_path)
     message = str(info.value)
     assert str(annotation) in message and "record 3" in message and f"'{key}'" in message
+    assert "dataset.bad_records=skip" in message
 
 
 def test_record_must_be_object(tmp_path: Path) -> None:

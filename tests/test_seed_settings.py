@@ -63,7 +63,8 @@ def _tiny_batch(model: TBPS, batch: int = 6) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------- 1. temperature: straight-through cap
 
-# (p, value min(e^p, 100), d value / d p = e^p): expected.md part a, "formula-level straight-through" table (float64).
+# (p, value min(e^p, 100), d value / d p = e^p): derivations/README.md part a, "formula-level straight-through" table
+# (float64).
 TEMPERATURES = [
     (4.0, 54.598150033144236, 54.598150033144236),
     (4.6052, 100.0, 100.00298144563507),
@@ -79,7 +80,8 @@ def test_1_temperature_is_capped_in_value_but_keeps_the_gradient_of_exp(tiny_che
     temperature = model.logit_scale
     assert temperature.item() == pytest.approx(value, rel=1e-6)
     temperature.backward()
-    # Clamping p (or exp(p)) before use would give 0 here above log 100 = 4.60517 (expected.md part a, last column).
+    # Clamping p (or exp(p)) before use would give 0 here above log 100 = 4.60517 (derivations/README.md part a, last
+    # column).
     assert model.backbone.logit_scale.grad.item() == pytest.approx(gradient, rel=1e-5)
 
 
@@ -89,7 +91,8 @@ def test_1_nitc_training_loss_reaches_the_temperature_above_the_cap(tiny_checkpo
         model.backbone.logit_scale.fill_(4.7215)  # SigLIP's pre-trained value, above the cap
     objective = Objective(LossSettings())  # sigmoid N-ITC (+ MVS), the baseline strategy
     feats = model(_tiny_batch(model), aug_view=objective.needs_aug_view)
-    assert feats.logit_scale.item() == pytest.approx(100.0, rel=1e-6)  # expected.md part a: value capped at 100
+    # derivations/README.md part a: value capped at 100
+    assert feats.logit_scale.item() == pytest.approx(100.0, rel=1e-6)
     sum(objective(feats, StepContext(epoch=1.0)).values()).backward()
     grad = model.backbone.logit_scale.grad
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().item() > 0
@@ -126,7 +129,8 @@ def _assert_windows_follow_the_relative_ratio(windows, height, width, scale):
 def test_2_random_resized_crop_varies_at_384x128_and_keeps_person_proportions():
     crop = build_augmentation("random_resized_crop", (384, 128), {"scale": (0.9, 1.0)})
     windows = _windows(crop, 384, 128)
-    # expected.md part b, case "384x128, scale (0.9,1), ratio (1/4, 4/9)": 262 distinct windows in 300 draws (seed 0),
+    # derivations/README.md part b, case "384x128, scale (0.9,1), ratio (1/4, 4/9)": 262 distinct windows in 300 draws
+    # (seed 0),
     # the whole image 33 times (32 fallbacks + 1 accepted full-size draw), w/h in [0.30366, 0.36994].
     assert len(set(windows)) == 262
     assert Counter(windows)[(0, 0, 384, 128)] == 33
@@ -138,14 +142,15 @@ def test_2_random_resized_crop_varies_at_384x128_and_keeps_person_proportions():
 def test_2_torchvision_absolute_ratio_is_the_defect_one_fixed_stretched_window():
     """The control: torchvision's absolute 3/4..4/3 range cannot fit a 384x128 image at scale 0.9-1."""
     crop = v2.RandomResizedCrop((384, 128), scale=(0.9, 1.0))
-    # expected.md part b, case "384x128, scale (0.9,1), ratio (3/4,4/3)": every draw falls back to (106, 0, 171, 128).
+    # derivations/README.md part b, case "384x128, scale (0.9,1), ratio (3/4,4/3)": every draw falls back to (106, 0,
+    # 171, 128).
     assert set(_windows(crop, 384, 128)) == {(106, 0, 171, 128)}
 
 
 def test_2_simclr_crop_is_relative_to_the_person_shape():
     crop = build_simclr_transform((384, 128), [0.5] * 3, [0.5] * 3).transforms[0]
     windows = _windows(crop, 300, 100)
-    # expected.md part b, case "300x100, scale (0.2,1), ratio (1/4, 4/9)": 300 distinct windows, no fallback,
+    # derivations/README.md part b, case "300x100, scale (0.2,1), ratio (1/4, 4/9)": 300 distinct windows, no fallback,
     # w/h in [0.25000, 0.44162] (the absolute range would give [0.74490, 1.32000]).
     assert len(set(windows)) == 300
     ratios = [w / h for _, _, h, w in windows]
@@ -156,7 +161,7 @@ def test_2_simclr_crop_is_relative_to_the_person_shape():
 
 # ---------------------------------------------------------------- 3. soft-label teacher is a constant
 
-# expected.md part g (g_soft.py): torch.manual_seed(1); text then image, normalize(randn(4, 8)) in float64;
+# derivations/README.md part g (g_soft.py): torch.manual_seed(1); text then image, normalize(randn(4, 8)) in float64;
 # pids [0, 0, 1, 2]; s = e^p, p = log 10; b = -3; alpha = 0.4; loss = mean_i sum_j BCEwithLogits(s c + b, y).
 SOFT_LOSS = 6.255918069795  # loss value (the same with and without the stop-gradient)
 SOFT_GRAD_TEACHER_CONSTANT = 5.397549868880  # dL/dp, teacher constant (correct)
@@ -187,7 +192,7 @@ def test_3_soft_label_teacher_passes_no_gradient_to_the_temperature():
 
 # ---------------------------------------------------------------- 4. CMPM on raw features
 
-# expected.md part e (e_cmpm.py): torch.manual_seed(0); x = randn(4, 8) * 3; z = randn(4, 8) * 2 (float64);
+# derivations/README.md part e (e_cmpm.py): torch.manual_seed(0); x = randn(4, 8) * 3; z = randn(4, 8) * 2 (float64);
 # pids [0, 0, 1, 2]; L = L_i2t + L_t2i of Zhang & Lu 2018 with epsilon 1e-8.
 CMPM_RAW = 19.110916129169  # on the raw x, z
 CMPM_NORMALISED = 20.402373087096  # on x, z L2-normalised first (what a normalising caller would compute)
@@ -257,12 +262,14 @@ def test_5_circle_curriculum_starts_at_the_real_epoch_under_gradient_accumulatio
         enable_model_summary=False,
     )
     trainer.fit(module, DataLoader(TensorDataset(torch.ones(11, 1)), batch_size=1))
-    # expected.md part d: 11 micro-batches with accumulation 4 give 3 optimizer steps per epoch (0-3, 4-7, 8-10).
+    # derivations/README.md part d: 11 micro-batches with accumulation 4 give 3 optimizer steps per epoch (0-3, 4-7,
+    # 8-10).
     assert trainer.global_step == 6
     assert len(module.records) == 22
     settings = LossSettings(strategy="auxiliary_cross", circle_start_epoch=1)
     weights = [settings.circle_weight(epoch) for _, epoch in module.records]
-    # expected.md part d: first global micro-batch of real epoch 1 is 11; global_step // floor(11 / 4) gives 8.
+    # derivations/README.md part d: first global micro-batch of real epoch 1 is 11; global_step // floor(11 / 4) gives
+    # 8.
     first_on = next(i for i, weight in enumerate(weights) if weight > 0)
     assert first_on == 11
     assert first_on != 8
@@ -271,7 +278,7 @@ def test_5_circle_curriculum_starts_at_the_real_epoch_under_gradient_accumulatio
 
 # ---------------------------------------------------------------- 6. identity sampler coverage
 
-# expected.md part c: n = [1, 2, 3, 4, 5, 6, 7, 8, 9, 13] samples per identity, K = 4, P = 2 (batch size 8).
+# derivations/README.md part c: n = [1, 2, 3, 4, 5, 6, 7, 8, 9, 13] samples per identity, K = 4, P = 2 (batch size 8).
 IDENTITY_SIZES = [1, 2, 3, 4, 5, 6, 7, 8, 9, 13]
 K, BATCH = 4, 8
 
@@ -289,7 +296,7 @@ def _sampler(coverage: str) -> IdentitySampler:
 def test_6_chunks_coverage_counts_what_an_epoch_uses_drops_and_repeats():
     sampler = _sampler("chunks")
     order = list(sampler)
-    # expected.md part c, "chunks": 7 batches, 56 indices, 50 distinct used, 8 dropped, 6 duplicates.
+    # derivations/README.md part c, "chunks": 7 batches, 56 indices, 50 distinct used, 8 dropped, 6 duplicates.
     assert len(sampler) // BATCH == 7 and len(order) == 56
     coverage = sampler.last_coverage
     assert (coverage.samples, coverage.used, coverage.dropped, coverage.duplicated) == (58, 50, 8, 6)
@@ -318,7 +325,7 @@ def test_6_chunks_pads_a_small_identity_only_after_all_its_samples():
 
 def test_6_all_coverage_draws_every_sample_every_epoch():
     sampler = _sampler("all")
-    # expected.md part c, "all": 5 balanced + 3 extra batches = 8, 64 yielded, 58 distinct, 6 duplicates.
+    # derivations/README.md part c, "all": 5 balanced + 3 extra batches = 8, 64 yielded, 58 distinct, 6 duplicates.
     assert len(sampler) // BATCH == 8
     for epoch in range(3):
         sampler.set_epoch(epoch)
@@ -389,6 +396,8 @@ CONTRADICTIONS = [
     (["loss.strategy=auxiliary", "loss.circle_loss_weight=0"], "use loss.strategy=baseline"),
     (["loss.strategy=intrinsic", "loss.softlabel_ratio=0.3"], "set loss.softlabel_ratio=0"),
     (["loss.strategy=circle_only", "loss.circle_start_epoch=2"], "set them to 0"),
+    (["loss.strategy=intrinsic", "loss.nitc_loss_weight=0"], "set it > 0"),
+    (["loss.strategy=baseline", "loss.nitc_loss_weight=0"], "loss.NITC=false"),
 ]
 
 
@@ -442,3 +451,39 @@ def test_8_logit_parameters_no_loss_reads_are_frozen(demo_root, overrides, scale
     backbone = module.model.backbone
     assert backbone.logit_scale.requires_grad is scale_trainable
     assert backbone.logit_bias.requires_grad is bias_trainable
+
+
+# ---------------------------------------------------------------- 9. per-sample randomness, repeats included
+
+
+def test_9_a_sample_drawn_twice_in_an_epoch_is_augmented_twice(demo_root):
+    """An identity with fewer than K samples repeats them inside its chunk: each copy must be a new draw."""
+    from lightning_data import build_datamodule
+
+    # K = 8 exceeds the 4 to 6 captions of a demo identity: every chunk is padded with repeats.
+    cfg = compose_config("demo", demo_overrides(demo_root, "dataset.num_instance=8", "dataset.batch_size=16"))
+    loader = build_datamodule(cfg).train_dataloader()
+    dataset = loader.dataset
+    index = 0
+    first, second = dataset[(3, index, 0)], dataset[(3, index, 1)]
+    assert not torch.equal(first["images"], second["images"])
+    assert torch.equal(first["images"], dataset[(3, index, 0)]["images"])  # the same key draws the same views
+    tags = list(loader.sampler)  # (epoch, index, repeat) in yield order
+    drawn = Counter(index for _, index, _ in tags)
+    assert any(count > 1 for count in drawn.values())
+    # The k-th draw of a sample is tagged k - 1: no two draws of one sample share a seed.
+    assert len(set(tags)) == len(tags)
+    assert {(index, repeat) for _, index, repeat in tags} == {(i, r) for i, n in drawn.items() for r in range(n)}
+
+
+def test_9_mlm_masks_depend_on_the_sample_not_on_its_batch(demo_root):
+    from lightning_data import build_datamodule, collate_train
+
+    cfg = compose_config("demo", [*_coverage_overrides(demo_root), "loss.MLM=true"])
+    datamodule = build_datamodule(cfg)
+    dataset, tokenizer = datamodule.train_dataloader().dataset, datamodule.tokenizer
+    items = [dataset[(0, index, 0)] for index in range(4)]
+    alone = collate_train(items[:1], tokenizer, mlm_probability=0.5)
+    together = collate_train(items[2:] + items[:1], tokenizer, mlm_probability=0.5)
+    assert torch.equal(alone["mlm_input_ids"][0], together["mlm_input_ids"][2])
+    assert torch.equal(alone["mlm_labels"][0], together["mlm_labels"][2])

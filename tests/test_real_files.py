@@ -1,0 +1,122 @@
+"""Annotation files as the peers write them: blank captions, ids as strings or floats, other validation spellings,
+a test-only image folder, and training on every identity under the peers' protocol.
+
+Expected counts are worked out by hand from the records written here (each record's comment says what a reader must
+do with it), not from the reader under test.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data.readers import DatasetFormatError, read_dataset
+from tests.conftest import compose_config, demo_overrides
+
+#: CUHK-PEDES layout (reid_raw.json, `file_path`). One line per record: what it must become.
+MESSY_RECORDS = [
+    {"id": 1, "file_path": "p1/a.jpg", "split": "train", "captions": ["a man in red", "red jacket"]},  # 2 captions
+    {"id": "2", "file_path": "p2/a.jpg", "split": "train", "captions": ["a woman", "   "]},  # id 2; 1 caption kept
+    {"id": 3.0, "file_path": "p3/a.jpg", "split": "train", "captions": [None]},  # no caption left: record dropped
+    {"id": "x7", "file_path": "p7/a.jpg", "split": "train", "captions": ["a child"]},  # not an id: record dropped
+    {"id": 4, "file_path": "p4/a.jpg", "split": "test", "captions": ["grey coat"]},  # test query + image
+    {"id": 4, "file_path": "p4/b.jpg", "split": "test", "captions": ["grey coat, bag", ""]},  # 1 caption kept
+    {"id": 5, "file_path": "p5/a.jpg", "split": "validation", "captions": ["blue shirt"]},  # validation
+    {"id": 5, "file_path": "p5/b.jpg", "split": "valid", "captions": ["blue shirt, cap"]},  # validation
+    {"id": 6, "file_path": "p6/a.jpg", "split": "dev", "captions": ["white shoes"]},  # unknown split: reported
+]
+
+
+def _write(root: Path, records: list[dict], *, images: str = "all") -> Path:
+    """CUHK-PEDES/reid_raw.json plus a small JPEG per record (`images="test"`: only the test records' images)."""
+    folder = root / "CUHK-PEDES"
+    (folder / "imgs").mkdir(parents=True, exist_ok=True)
+    annotation = folder / "reid_raw.json"
+    annotation.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    rng = np.random.default_rng(0)
+    for raw in records:
+        if images == "test" and raw["split"] != "test":
+            continue
+        path = folder / "imgs" / raw["file_path"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (48, 16, 3), dtype=np.uint8)).save(path)
+    return annotation
+
+
+def test_fail_names_the_file_the_record_and_the_field(tmp_path):
+    annotation = _write(tmp_path, MESSY_RECORDS)
+    with pytest.raises(DatasetFormatError) as error:
+        read_dataset("CUHK-PEDES", tmp_path)
+    message = str(error.value)  # the first malformed item is record 1's blank second caption
+    assert str(annotation) in message and "record 1 (id=2)" in message and "'captions' item 1" in message
+    assert "dataset.bad_records=skip" in message
+
+
+def test_skip_drops_blank_captions_and_unusable_records_and_counts_them(tmp_path, caplog):
+    _write(tmp_path, MESSY_RECORDS)
+    with caplog.at_level(logging.WARNING, logger="data.readers"):
+        splits = read_dataset("CUHK-PEDES", tmp_path, bad_records="skip")
+    # Train: ids 1 ("a man in red", "red jacket") and 2 ("a woman"); records 2 and 3 dropped.
+    assert sorted(s.caption for s in splits.train) == ["a man in red", "a woman", "red jacket"]
+    assert splits.num_train_ids == 2
+    # Test: 2 images of id 4, 2 queries; validation: both spellings, 2 images of id 5.
+    assert splits.test.image_pids == [4, 4] and splits.test.captions == ["grey coat", "grey coat, bag"]
+    assert splits.val.image_pids == [5, 5]
+    warnings = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    # Dropped: records 2 and 3; captions: record 1 item 1, record 2 item 0, record 5 item 1.
+    assert "dropped 2 records and 3 captions" in warnings
+    assert "1 records have split values other than" in warnings and "'dev': 1" in warnings
+
+
+def test_an_id_written_as_a_numeric_string_or_float_is_that_number(tmp_path):
+    records = [
+        {"id": "12", "file_path": "a.jpg", "split": "train", "captions": ["x"]},
+        {"id": 12.0, "file_path": "b.jpg", "split": "train", "captions": ["y"]},
+        {"id": " 12 ", "file_path": "c.jpg", "split": "test", "captions": ["z"]},
+    ]
+    _write(tmp_path, records)
+    splits = read_dataset("CUHK-PEDES", tmp_path)
+    assert splits.num_train_ids == 1 and splits.test.image_pids == [12]
+
+
+def test_evaluation_needs_only_the_test_images(tmp_path, demo_root):
+    """`train=false` on a copy with the training and validation images absent: nothing else is looked at."""
+    from lightning_data import build_datamodule
+
+    _write(tmp_path, [r for r in MESSY_RECORDS if r["id"] in (1, 4, 5)], images="test")
+    shutil.copytree(demo_root / "tiny_siglip", tmp_path / "tiny_siglip")
+    for policy in ("fail", "skip"):
+        overrides = demo_overrides(
+            tmp_path, "dataset.dataset_name=CUHK-PEDES", f"dataset.bad_images={policy}", "dataset.bad_records=skip"
+        )
+        datamodule = build_datamodule(compose_config("demo", overrides), stage="test")
+        assert datamodule.splits.test.image_pids == [4, 4] and not datamodule.splits.train
+
+
+def test_selecting_on_test_trains_every_identity_and_says_so(demo_root, tmp_path):
+    """VN3K without validation records (as the real file is): the honest default holds identities out, the peers'
+    protocol trains on all of them."""
+    from lightning_data import build_datamodule
+    from trainer import protocol_of
+
+    records = json.loads((demo_root / "VN3K" / "data_captions.json").read_text(encoding="utf-8"))
+    records = [r for r in records if r["split"] in ("train", "test")]
+    (tmp_path / "VN3K").mkdir()
+    (tmp_path / "VN3K" / "data_captions.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    (tmp_path / "VN3K" / "imgs").symlink_to(demo_root / "VN3K" / "imgs")
+    (tmp_path / "tiny_siglip").symlink_to(demo_root / "tiny_siglip")
+    all_train_ids = {r["id"] for r in records if r["split"] == "train"}
+
+    held_out = compose_config("demo", demo_overrides(tmp_path, "dataset.val_identities=10"))
+    assert build_datamodule(held_out).splits.num_train_ids == len(all_train_ids) - 10
+    peers = compose_config("demo", demo_overrides(tmp_path, "model_selection=test", "dataset.val_identities=0"))
+    assert build_datamodule(peers).splits.num_train_ids == len(all_train_ids)
+    assert "every training identity" in protocol_of(peers) and "held out" in protocol_of(held_out)
+    with pytest.raises(Exception, match="model_selection=test"):  # the default without a hold-out names both fixes
+        build_datamodule(compose_config("demo", demo_overrides(tmp_path, "dataset.val_identities=0")))
