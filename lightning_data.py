@@ -20,7 +20,7 @@ from data.mlm import mask_tokens
 from data.readers import READERS, DatasetNotFoundError, DatasetSplits, EvalSplit, bad_records_problems, read_dataset
 from data.samplers import COVERAGES, IdentitySampler, StridedShardSampler
 from data.splits import hold_out_identities
-from data.subsets import identity_fold, ten_percent_cuhk_vn3k_mix
+from data.subsets import MIX_FORMS, identity_fold, ten_percent_cuhk_vn3k_mix
 from data.text import CaptionTokenizer
 from data.transforms import AUGMENTATIONS, build_eval_transform, build_simclr_transform, build_train_transform
 from utils.config import ConfigError
@@ -57,6 +57,8 @@ def data_config_problems(cfg: DictConfig) -> list[str]:
         )
     issues += bad_images_problems(data.get("bad_images", "fail"))
     issues += bad_records_problems(data.get("bad_records", "fail"))
+    if data.get("mix_form", "identities") not in MIX_FORMS:
+        issues.append(f"dataset.mix_form={data.mix_form!r} is unknown; valid: {list(MIX_FORMS)}.")
     unknown_aug = sorted(set(cfg.aug.img.augment_cfg or {}) - set(AUGMENTATIONS))
     if unknown_aug:
         issues.append(f"aug.img.augment_cfg has unknown augmentation(s) {unknown_aug}; valid: {sorted(AUGMENTATIONS)}.")
@@ -152,7 +154,8 @@ class TBPSDataModule(L.LightningDataModule):
         name, root, seed = self.cfg.dataset.dataset_name, Path(self.cfg.dataset_root_dir), self.cfg.seed
         bad_records = self.cfg.dataset.get("bad_records", "fail")
         if name in MIXES:
-            splits = MIXES[name](root, seed, bad_records=bad_records)
+            form = self.cfg.dataset.get("mix_form", "identities")
+            splits = MIXES[name](root, seed, bad_records=bad_records, form=form)
         else:
             splits = read_dataset(name, root, require_train=not evaluate_only, bad_records=bad_records)
         if evaluate_only:  # only the test images are read: nothing else needs to exist or be decoded

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_data import build_datamodule, data_config_problems, ensure_demo_assets
 from lightning_models import TBPSLitModule, model_config_problems
+from preflight import run_preflight
 from utils.config import ConfigError, register_resolvers
 from utils.errors import InputError
 from utils.io import atomic_write, atomic_write_json
@@ -296,6 +297,10 @@ def main(cfg: DictConfig) -> None:
     name = cfg.logger.experiment_name or run_name_of(hydra_cfg.job.config_name or "run", hydra_cfg.overrides.task)
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
+        if cfg.get("preflight", False):
+            validate_config(cfg)
+            ensure_demo_assets(cfg)
+            raise SystemExit(run_preflight(cfg))
         if cfg.get("train", True):
             train(cfg, run_dir, name)
         else:

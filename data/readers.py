@@ -111,6 +111,8 @@ class DatasetSplits:
         train: Training pairs, one per caption.
         val: Validation split, or None when the annotation file has none.
         test: Test split.
+        skipped_records: Malformed records dropped under ``dataset.bad_records=skip``.
+        skipped_captions: Malformed captions dropped under ``dataset.bad_records=skip``.
     """
 
     name: str
@@ -118,6 +120,8 @@ class DatasetSplits:
     train: list[TrainSample]
     val: EvalSplit | None
     test: EvalSplit
+    skipped_records: int = 0
+    skipped_captions: int = 0
 
     @property
     def num_train_ids(self) -> int:
@@ -345,6 +349,8 @@ def _read(
         train=_train_samples(by_split.get("train", [])),
         val=_eval_split(val_records) if val_records else None,
         test=_eval_split(by_split["test"]),
+        skipped_records=len(dropped_records),
+        skipped_captions=len(dropped_captions or []),
     )
     table = PrettyTable(["subset", "ids", "images", "captions"])
     table.add_rows(splits.summary_rows())

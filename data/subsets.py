@@ -7,7 +7,7 @@ import logging
 import random
 from pathlib import Path
 
-from data.readers import DatasetSplits, TrainSample, read_dataset
+from data.readers import DatasetSplits, EvalSplit, TrainSample, read_dataset
 from utils.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -49,24 +49,51 @@ def identity_fold(splits: DatasetSplits, proportion: float, fold_id: int, seed: 
     return dataclasses.replace(splits, train=train)
 
 
+#: `dataset.mix_form` values of the CUHK + VN3K mix.
+MIX_FORMS = ("identities", "images")
+
+
 def ten_percent_cuhk_vn3k_mix(
-    root: Path, seed: int, *, cuhk_proportion: float = 0.1, bad_records: str = "fail"
+    root: Path, seed: int, *, cuhk_proportion: float = 0.1, bad_records: str = "fail", form: str = "identities"
 ) -> DatasetSplits:
-    """TEN_PERCENT_CUHK_VN3K_MIX: 10 % of CUHK-PEDES training identities plus all of VN3K_VI training.
+    """TEN_PERCENT_CUHK_VN3K_MIX: 10 % of CUHK-PEDES training plus all of VN3K_VI training.
 
     English CUHK captions help the Vietnamese task through the multilingual text tower. VN3K pids follow CUHK's so
-    the two sets of people never share an id. Validation is CUHK-PEDES's own split; test is VN3K's (the target).
+    the two sets of people never share an id. Validation is CUHK-PEDES's own split.
+
+    - ``form="identities"`` (default): 10 % of CUHK's training identities, all of each one's images; test on VN3K
+      (the target).
+    - ``form="images"`` (the original project's, `parity=seed`): 10 % of CUHK's training images drawn with
+      ``Random(seed)``, so a person can be partly in; test on CUHK-PEDES test plus VN3K test, VN3K ids shifted past
+      CUHK's.
     """
+    if form not in MIX_FORMS:
+        raise InputError(f"dataset.mix_form={form!r} is unknown; valid: {list(MIX_FORMS)}")
     cuhk = read_dataset("CUHK-PEDES", root, bad_records=bad_records)
     vn3k = read_dataset("VN3K_VI", root, bad_records=bad_records)
-    cuhk_part = identity_fold(cuhk, cuhk_proportion, 0, seed).train
+    if form == "images":
+        image_ids = sorted({s.image_id for s in cuhk.train})
+        kept = set(random.Random(seed).sample(image_ids, int(len(image_ids) * cuhk_proportion)))
+        cuhk_part = [s for s in cuhk.train if s.image_id in kept]
+    else:
+        cuhk_part = identity_fold(cuhk, cuhk_proportion, 0, seed).train
     offset = max(s.pid for s in cuhk_part) + 1
     images_offset = max(s.image_id for s in cuhk.train) + 1
     vn3k_part = [dataclasses.replace(s, pid=s.pid + offset, image_id=s.image_id + images_offset) for s in vn3k.train]
+    test = vn3k.test
+    if form == "images":
+        shift = max([*cuhk.test.image_pids, *(cuhk.val.image_pids if cuhk.val else [])]) + 1
+        test = EvalSplit(
+            image_pids=cuhk.test.image_pids + [pid + shift for pid in vn3k.test.image_pids],
+            image_paths=cuhk.test.image_paths + vn3k.test.image_paths,
+            caption_pids=cuhk.test.caption_pids + [pid + shift for pid in vn3k.test.caption_pids],
+            captions=cuhk.test.captions + vn3k.test.captions,
+        )
+    log.info("TEN_PERCENT_CUHK_VN3K_MIX (%s form): %d CUHK-PEDES training captions", form, len(cuhk_part))
     return DatasetSplits(
         name="TEN_PERCENT_CUHK_VN3K_MIX",
         root=Path(root),
         train=_remap(cuhk_part + vn3k_part),
         val=cuhk.val,
-        test=vn3k.test,
+        test=test,
     )

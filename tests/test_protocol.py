@@ -43,17 +43,24 @@ def test_identity_fold_rejects_bad_arguments(proportion, fold):
         identity_fold(_splits(), proportion, fold, seed=0)
 
 
-def test_ten_percent_mix_joins_cuhk_and_vn3k_without_shared_ids(demo_root, tmp_path):
-    cuhk = tmp_path / "CUHK-PEDES"
+def _cuhk_and_vn3k(demo_root, root, images_per_person: int = 1):
+    """CUHK-PEDES with people 1-20 train, 21-25 val, 26-30 test (`images_per_person` images each), plus VN3K."""
+    cuhk = root / "CUHK-PEDES"
     (cuhk / "imgs").mkdir(parents=True)
     source = next((demo_root / "VN3K" / "imgs").rglob("*.png"))
     records = []
     for person in range(1, 31):
         split = "train" if person <= 20 else ("val" if person <= 25 else "test")
-        (cuhk / "imgs" / f"{person}.png").write_bytes(source.read_bytes())
-        records.append({"id": person, "file_path": f"{person}.png", "captions": [f"person {person}"], "split": split})
+        for image in range(images_per_person):
+            name = f"{person}_{image}.png"
+            (cuhk / "imgs" / name).write_bytes(source.read_bytes())
+            records.append({"id": person, "file_path": name, "captions": [f"person {person}"], "split": split})
     (cuhk / "reid_raw.json").write_text(json.dumps(records))
-    (tmp_path / "VN3K").symlink_to(demo_root / "VN3K")
+    (root / "VN3K").symlink_to(demo_root / "VN3K")
+
+
+def test_ten_percent_mix_joins_cuhk_and_vn3k_without_shared_ids(demo_root, tmp_path):
+    _cuhk_and_vn3k(demo_root, tmp_path)
     mixed = ten_percent_cuhk_vn3k_mix(tmp_path, seed=0)
     cuhk_train = [s for s in mixed.train if "CUHK" in str(s.image_path)]
     vn3k_train = [s for s in mixed.train if "VN3K" in str(s.image_path)]
@@ -61,6 +68,22 @@ def test_ten_percent_mix_joins_cuhk_and_vn3k_without_shared_ids(demo_root, tmp_p
     assert not {s.pid for s in cuhk_train} & {s.pid for s in vn3k_train}
     assert sorted({s.pid for s in mixed.train}) == list(range(len({s.pid for s in mixed.train})))
     assert all("VN3K" in str(p) for p in mixed.test.image_paths) and len(set(mixed.val.image_pids)) == 5
+
+
+def test_the_original_mix_takes_ten_percent_of_images_and_tests_on_both(demo_root, tmp_path):
+    """20 training people x 4 images = 80 CUHK training images: 10 % is 8 images (one caption each)."""
+    _cuhk_and_vn3k(demo_root, tmp_path, images_per_person=4)
+    mixed = ten_percent_cuhk_vn3k_mix(tmp_path, seed=0, form="images")
+    cuhk_train = [s for s in mixed.train if "CUHK" in str(s.image_path)]
+    assert len(cuhk_train) == 8 and len({s.image_path for s in cuhk_train}) == 8
+    vn3k = json.loads((demo_root / "VN3K" / "data_captions.json").read_text(encoding="utf-8"))
+    vn3k_test_images = sum(r["split"] == "test" for r in vn3k)
+    # Test: CUHK's 5 test people x 4 images, then VN3K's test images; no VN3K person takes a CUHK id.
+    assert len(mixed.test.image_paths) == 20 + vn3k_test_images
+    cuhk_ids, vn3k_ids = set(mixed.test.image_pids[:20]), set(mixed.test.image_pids[20:])
+    assert cuhk_ids == {26, 27, 28, 29, 30} and min(vn3k_ids) > 30
+    parity = compose_config("demo", ["dataset=ten_percent_cuhk_vn3k_mix", "parity=seed"])
+    assert parity.dataset.mix_form == "images"
 
 
 def test_validation_loaders_use_the_validation_split_unless_parity_is_asked(demo_root):

@@ -19,7 +19,15 @@ from PIL import Image
 from data.readers import DatasetFormatError, read_dataset
 from tests.conftest import compose_config, demo_overrides
 
-#: CUHK-PEDES layout (reid_raw.json, `file_path`). One line per record: what it must become.
+#: The peers' file layouts: dataset -> (folder, annotation file, image-path key).
+LAYOUTS = {
+    "CUHK-PEDES": ("CUHK-PEDES", "reid_raw.json", "file_path"),
+    "ICFG-PEDES": ("ICFG-PEDES", "ICFG-PEDES.json", "file_path"),
+    "RSTPReid": ("RSTPReid", "data_captions.json", "img_path"),
+    "VN3K_VI": ("VN3K", "data_captions.json", "file_path"),
+}
+
+#: Written with `file_path` (renamed to the layout's key). One line per record: what it must become.
 MESSY_RECORDS = [
     {"id": 1, "file_path": "p1/a.jpg", "split": "train", "captions": ["a man in red", "red jacket"]},  # 2 captions
     {"id": "2", "file_path": "p2/a.jpg", "split": "train", "captions": ["a woman", "   "]},  # id 2; 1 caption kept
@@ -33,41 +41,46 @@ MESSY_RECORDS = [
 ]
 
 
-def _write(root: Path, records: list[dict], *, images: str = "all") -> Path:
-    """CUHK-PEDES/reid_raw.json plus a small JPEG per record (`images="test"`: only the test records' images)."""
-    folder = root / "CUHK-PEDES"
+def _write(root: Path, records: list[dict], *, images: str = "all", name: str = "CUHK-PEDES") -> Path:
+    """The annotation file of `name` plus a small JPEG per record (`images="test"`: only the test records' images)."""
+    folder_name, annotation_name, path_key = LAYOUTS[name]
+    records = [{(path_key if k == "file_path" else k): v for k, v in raw.items()} for raw in records]
+    folder = root / folder_name
     (folder / "imgs").mkdir(parents=True, exist_ok=True)
-    annotation = folder / "reid_raw.json"
+    annotation = folder / annotation_name
     annotation.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
     rng = np.random.default_rng(0)
     for raw in records:
         if images == "test" and raw["split"] != "test":
             continue
-        path = folder / "imgs" / raw["file_path"]
+        path = folder / "imgs" / raw[path_key]
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (48, 16, 3), dtype=np.uint8)).save(path)
     return annotation
 
 
-def test_fail_names_the_file_the_record_and_the_field(tmp_path):
-    annotation = _write(tmp_path, MESSY_RECORDS)
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_fail_names_the_file_the_record_and_the_field(tmp_path, name):
+    annotation = _write(tmp_path, MESSY_RECORDS, name=name)
     with pytest.raises(DatasetFormatError) as error:
-        read_dataset("CUHK-PEDES", tmp_path)
+        read_dataset(name, tmp_path)
     message = str(error.value)  # the first malformed item is record 1's blank second caption
     assert str(annotation) in message and "record 1 (id=2)" in message and "'captions' item 1" in message
     assert "dataset.bad_records=skip" in message
 
 
-def test_skip_drops_blank_captions_and_unusable_records_and_counts_them(tmp_path, caplog):
-    _write(tmp_path, MESSY_RECORDS)
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_skip_drops_blank_captions_and_unusable_records_and_counts_them(tmp_path, caplog, name):
+    _write(tmp_path, MESSY_RECORDS, name=name)
     with caplog.at_level(logging.WARNING, logger="data.readers"):
-        splits = read_dataset("CUHK-PEDES", tmp_path, bad_records="skip")
+        splits = read_dataset(name, tmp_path, bad_records="skip")
     # Train: ids 1 ("a man in red", "red jacket") and 2 ("a woman"); records 2 and 3 dropped.
     assert sorted(s.caption for s in splits.train) == ["a man in red", "a woman", "red jacket"]
     assert splits.num_train_ids == 2
     # Test: 2 images of id 4, 2 queries; validation: both spellings, 2 images of id 5.
     assert splits.test.image_pids == [4, 4] and splits.test.captions == ["grey coat", "grey coat, bag"]
     assert splits.val.image_pids == [5, 5]
+    assert (splits.skipped_records, splits.skipped_captions) == (2, 3)
     warnings = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     # Dropped: records 2 and 3; captions: record 1 item 1, record 2 item 0, record 5 item 1.
     assert "dropped 2 records and 3 captions" in warnings
