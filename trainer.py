@@ -135,8 +135,9 @@ def protocol_of(cfg: DictConfig) -> str:
     if cfg.get("model_selection", "validation") == "test":
         return "peers' protocol: every training identity trained, epochs selected on the test split"
     held_out = cfg.dataset.get("val_identities", 0)
-    source = f"{held_out} training identities held out" if held_out else "the dataset's validation split"
-    return f"epochs selected on validation ({source} when the dataset has no validation split of its own)"
+    if held_out:
+        return f"epochs selected on validation ({held_out} training identities held out if the dataset has none)"
+    return "epochs selected on the dataset's validation split"
 
 
 def checkpoint_dir_of(cfg: DictConfig, run_dir: Path) -> Path:
