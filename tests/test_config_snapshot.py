@@ -1,0 +1,60 @@
+"""Config files state only differences: every top-level config, and every option of every group, still resolves to
+exactly the values it resolved to before the files were rewritten that way (`tests/data/resolved_configs.json`,
+written once from the full files; regenerate only for an intended change of values:
+`uv run python -m tests.test_config_snapshot`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from tests.conftest import CONFIG_DIR, TOP_LEVEL_CONFIGS, compose_config
+
+SNAPSHOT = Path(__file__).parent / "data" / "resolved_configs.json"
+#: Groups whose options are composed into every top-level config (parity is covered by tests/test_parity.py).
+GROUPS = ("dataset", "backbone", "tokenizer", "loss", "aug", "optimizer", "scheduler", "trainer", "lora", "logger")
+
+
+#: Top-level configs every group option is composed into (a CPU demo and the Circle-Loss recipe).
+HOSTS = ("demo", "cir_msiglip")
+
+
+def _cases() -> list[tuple[str, list[str]]]:
+    cases = [(name, []) for name in TOP_LEVEL_CONFIGS]
+    for name in HOSTS:
+        for group in GROUPS:
+            cases += [(name, [f"{group}={option.stem}"]) for option in sorted((CONFIG_DIR / group).glob("*.yaml"))]
+    return cases
+
+
+def _resolved(name: str, overrides: list[str]) -> dict:
+    return OmegaConf.to_container(compose_config(name, overrides), resolve=True)
+
+
+def _key(name: str, overrides: list[str]) -> str:
+    return " ".join([name, *overrides])
+
+
+@pytest.fixture(autouse=True)
+def _no_data_root(monkeypatch):
+    monkeypatch.delenv("TBPS_DATA_ROOT", raising=False)
+
+
+def test_every_config_resolves_to_the_recorded_values():
+    recorded = json.loads(SNAPSHOT.read_text())
+    cases = _cases()
+    assert {_key(*case) for case in cases} == set(recorded), "a config or option was added or removed"
+    for name, overrides in cases:
+        assert _resolved(name, overrides) == recorded[_key(name, overrides)], _key(name, overrides)
+
+
+if __name__ == "__main__":
+    os.environ.pop("TBPS_DATA_ROOT", None)
+    snapshot = {_key(name, overrides): _resolved(name, overrides) for name, overrides in _cases()}
+    SNAPSHOT.write_text(json.dumps(snapshot, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {len(snapshot)} resolved configs to {SNAPSHOT}", file=sys.stderr)
