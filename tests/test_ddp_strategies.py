@@ -37,7 +37,9 @@ def _cases() -> dict[str, dict]:
     cases = {strategy: dict(strategy=strategy, MVS=True) for strategy in STRATEGIES}
     cases["intrinsic+SS+CITC"] = dict(strategy="intrinsic", MVS=True, SS=True, CITC=True)
     cases["auxiliary_cross+SS+CITC"] = dict(strategy="auxiliary_cross", MVS=True, SS=True, CITC=True)
-    irra = OmegaConf.to_container(OmegaConf.load(ROOT / "config" / "loss" / "irra.yaml"))
+    from tests.conftest import compose_config
+
+    irra = OmegaConf.to_container(compose_config("demo", ["loss=irra"]).loss)
     assert irra["NITC"] and irra["MLM"] and irra["ID"], irra  # the loss group this case stands for
     cases["irra (NITC+MLM+ID)"] = irra
     return cases
