@@ -15,12 +15,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from data.datasets import load_rgb
-from model.backbone import image_size_problems, load_backbone, needs_per_call_interpolation
+from model.backbone import image_size_problems
+from model.build import build_model
 from model.features import TrainFeatures, gathered
-from model.lora import LoraSettings, apply_lora
+from model.lora import LoraSettings
 from model.objectives import cosine_similarity, identity_mask
 from model.strategies import LossSettings, Objective, StepContext
-from model.tbps import TBPS, Heads
 from solver.build import build_optimizer, optimizer_problems
 from solver.lr_scheduler import build_scheduler, scheduler_problems
 from utils.analysis import save_failure_gallery, save_similarity_histogram
@@ -119,36 +119,13 @@ class TBPSLitModule(L.LightningModule):
         backbone_cfg = self.cfg.backbone
         settings = LossSettings.from_mapping(self.cfg.loss)
         self.objective = Objective(settings, use_sigmoid=backbone_cfg.get("use_sigmoid", True))
-        backbone = load_backbone(
-            Path(backbone_cfg.path),
-            image_size=tuple(backbone_cfg.image_size),
-            text_config_overrides=backbone_cfg.text_config,
-            vision_config_overrides=backbone_cfg.vision_config,
-            gradient_checkpointing=backbone_cfg.gradient_checkpointing,
+        self.model = build_model(
+            backbone_cfg,
+            self.objective,
+            lora_cfg=self.cfg.get("lora"),
+            num_classes=num_classes,
             text_vocab_size=text_vocab_size,
         )
-        if self.cfg.get("lora"):
-            apply_lora(backbone, LoraSettings.from_mapping(self.cfg.lora))
-        if settings.ID and not num_classes:
-            raise ValueError("loss.ID needs the number of training identities (num_classes).")
-        heads = Heads(
-            simclr=settings.SS,
-            num_classes=num_classes if settings.ID else None,
-            mlm_depth=settings.cmt_depth if settings.MLM else None,
-        )
-        self.model = TBPS(
-            backbone,
-            heads,
-            freeze_vision=backbone_cfg.freeze.vision,
-            freeze_text=backbone_cfg.freeze.text,
-            interpolate_pos_encoding=needs_per_call_interpolation(backbone, tuple(backbone_cfg.image_size)),
-        )
-        log.info("Training objective: %s", self.objective.describe())
-        frozen = self.model.keep_logit_parameters(
-            scale=self.objective.uses_logit_scale, bias=self.objective.uses_logit_bias
-        )
-        if frozen:
-            log.info("%s frozen: no training loss of this objective reads them", " and ".join(frozen))
         self._eval_feats: dict[int, list[tuple[Tensor, Tensor]]] = {GALLERY: [], QUERIES: []}
         self.eval_results: dict[str, dict[str, dict[str, float]]] = {}
         #: Printed after "Val results" / "Test results" (which split and which weights the table is about).

@@ -4,9 +4,11 @@ import dataclasses
 
 import pytest
 import torch
+from transformers import AutoConfig
 
 from data.mlm import mask_tokens
-from model.backbone import load_backbone, needs_per_call_interpolation
+from model.backbone import load_backbone
+from model.build import build_model
 from model.features import TrainFeatures
 from model.objectives import cosine_similarity, identity_mask, sigmoid_nitc_loss
 from model.strategies import AUXILIARY_TERMS, STRATEGIES, LossSettings, Objective, StepContext
@@ -37,19 +39,16 @@ def _batch(vocab: int, size=(32, 16), batch=6, seed=0) -> dict[str, torch.Tensor
 
 
 def _train_step(checkpoint, settings: LossSettings, num_classes: int = 4) -> dict[str, torch.Tensor]:
-    backbone = load_backbone(checkpoint, image_size=(32, 16))
-    vocab = int(backbone.config.text_config.vocab_size)
-    heads = Heads(
-        simclr=settings.SS, num_classes=num_classes if settings.ID else None, mlm_depth=1 if settings.MLM else None
-    )
-    model = TBPS(backbone, heads, interpolate_pos_encoding=needs_per_call_interpolation(backbone, (32, 16)))
+    use_sigmoid = AutoConfig.from_pretrained(checkpoint).model_type == "siglip"  # SigLIP's sigmoid, else CLIP
+    objective = Objective(dataclasses.replace(settings, cmt_depth=1), use_sigmoid=use_sigmoid)
+    model = build_model({"path": checkpoint, "image_size": (32, 16)}, objective, num_classes=num_classes)
+    vocab = int(model.backbone.config.text_config.vocab_size)
+    assert hasattr(model.backbone, "logit_bias") == use_sigmoid
     batch = _batch(vocab)
     if settings.MLM:
         batch["mlm_input_ids"], batch["mlm_labels"] = mask_tokens(
             batch["caption_input_ids"], mask_token_id=vocab - 1, vocab_size=vocab, special_token_ids=[0, 1, 2]
         )
-    objective = Objective(settings, use_sigmoid=hasattr(backbone, "logit_bias"))
-    model.keep_logit_parameters(scale=objective.uses_logit_scale, bias=objective.uses_logit_bias)
     feats = model(
         batch,
         aug_view=objective.needs_aug_view,
