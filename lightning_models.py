@@ -19,8 +19,9 @@ from model.backbone import image_size_problems
 from model.build import build_model
 from model.features import TrainFeatures, gathered
 from model.lora import LoraSettings
+from model.objective import Objective
 from model.objectives import cosine_similarity, identity_mask
-from model.strategies import LossSettings, Objective, StepContext
+from model.strategies import LossSettings, StepContext
 from solver.build import build_optimizer, optimizer_problems
 from solver.lr_scheduler import build_scheduler, scheduler_problems
 from utils.analysis import save_failure_gallery, save_similarity_histogram

@@ -102,8 +102,8 @@ def _tokenisation(datamodule: Any) -> list[str]:
     return rows
 
 
-def _batch_geometry(module: TBPSLitModule, datamodule: Any, device: torch.device) -> list[str]:
-    batch = next(iter(datamodule.train_dataloader()))
+def _batch_geometry(module: TBPSLitModule, loader: Any, device: torch.device) -> list[str]:
+    batch = next(iter(loader))
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     objective = module.objective
     with torch.no_grad():
@@ -116,12 +116,12 @@ def _batch_geometry(module: TBPSLitModule, datamodule: Any, device: torch.device
     ]
 
 
-def _sampler(datamodule: Any) -> list[str]:
-    sampler = datamodule.train_dataloader().sampler.sampler
+def _sampler(loader: Any, num_samples: int) -> list[str]:
+    sampler = loader.sampler.sampler
     if isinstance(sampler, IdentitySampler):
         _, coverage = sampler.global_batches(0)
         return [f"  identity sampler ({sampler.coverage}), one epoch: {coverage.describe()}"]
-    return [f"  random sampler: {len(sampler)} of {len(datamodule.splits.train)} samples per epoch"]
+    return [f"  random sampler: {len(sampler)} of {num_samples} samples per epoch"]
 
 
 def _what_skip_drops(cfg: DictConfig) -> list[str]:
@@ -150,7 +150,8 @@ def run_preflight(cfg: DictConfig) -> int:
     lines += _split_rows(datamodule.splits)
     missing = [row for row in lines if row.endswith("missing") and not row.endswith(" 0 missing")]
     problems += [f"images missing: {row.strip()}" for row in missing]
-    lines += _sampler(datamodule)
+    train_loader = datamodule.train_dataloader()
+    lines += _sampler(train_loader, len(datamodule.splits.train))
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     module = TBPSLitModule(
@@ -174,7 +175,7 @@ def run_preflight(cfg: DictConfig) -> int:
     lines += _tokenisation(datamodule)
     lines.append("Geometry:")
     lines += _zero_shot(module, datamodule, device)
-    lines += _batch_geometry(module, datamodule, device)
+    lines += _batch_geometry(module, train_loader, device)
     print("\n".join(lines))
     if problems:
         print("Preflight FAILED:\n  " + "\n  ".join(problems))

@@ -15,17 +15,17 @@ out=bench/results_gpu
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, transformers, lightning, peft; print(torch.__version__, transformers.__version__, lightning.__version__, peft.__version__)"
-wanted() { [ $# -eq 0 ] || [[ " ${sections} " == *" $1 "* ]]; }
 sections="$*"
-if [ -z "$sections" ] || wanted train_throughput; then
+wanted() { [ -z "$sections" ] || [[ " $sections " == *" $1 "* ]]; }
+if wanted train_throughput; then
     echo "== train_throughput"
     timeout 160 python3 bench/train_throughput.py --out "$out" 2>&1 | grep -v -i warn | tail -8
 fi
-if [ -z "$sections" ] || wanted eval_metrics; then
+if wanted eval_metrics; then
     echo "== eval_metrics"
     timeout 110 python3 bench/eval_metrics.py --device cuda --out "$out" 2>&1 | tail -12
 fi
-if [ -z "$sections" ] || wanted strategies; then
+if wanted strategies; then
     echo "== strategies"
     timeout "${STRATEGIES_TIMEOUT:-260}" python3 bench/strategies.py --jobs 5 --out "$out" --set dataset.num_workers=2 \
         2>&1 | tail -12

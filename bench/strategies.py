@@ -39,7 +39,11 @@ COLUMNS = [("t2i", "R1"), ("t2i", "mAP"), ("t2i", "mINP"), ("i2t", "R1"), ("i2t"
 
 def run_once(strategy: str, seed: int, epochs: int, out: Path, extra: list[str]) -> dict:
     overrides = [*COMMON, *STRATEGY_OVERRIDES[strategy], f"trainer.max_epochs={epochs}", "logger=csv", *extra]
-    return {**run_training("demo", overrides, seed, out / "runs" / f"{strategy}_seed{seed}"), "strategy": strategy}
+    run = run_training("demo", overrides, seed, out / "runs" / f"{strategy}_seed{seed}")
+    best = Path(run["best_checkpoint"]).resolve() if run.get("best_checkpoint") else None
+    if best is not None and best.is_relative_to(ROOT):  # no machine's path in the committed table
+        run["best_checkpoint"] = str(best.relative_to(ROOT))
+    return {**run, "strategy": strategy}
 
 
 def table(runs: list[dict], epochs: int) -> str:

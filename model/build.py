@@ -13,7 +13,7 @@ from typing import Any
 
 from model.backbone import load_backbone, needs_per_call_interpolation
 from model.lora import LoraSettings, apply_lora
-from model.strategies import Objective
+from model.objective import Objective
 from model.tbps import TBPS, Heads
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 `encode_image` / `encode_text` give L2-normalised pooled embeddings (evaluation and search use these). `forward`
 encodes a training batch into `TrainFeatures`; which losses are then computed is the objective's business
-(`model/strategies.py`), so this module holds no loss logic.
+(`model/objective.py`), so this module holds no loss logic.
 """
 
 from __future__ import annotations

@@ -24,7 +24,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
-from model.strategies import LossSettings, Objective, StepContext
+from model.objective import Objective
+from model.strategies import LossSettings, StepContext
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD, STEPS, BATCH = 2, 3, 6

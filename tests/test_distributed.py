@@ -23,7 +23,8 @@ from torch import nn
 from data.datasets import ImageReadError
 from data.samplers import IdentitySampler, StridedShardSampler
 from model.features import TrainFeatures, gathered
-from model.strategies import LossSettings, Objective, StepContext
+from model.objective import Objective
+from model.strategies import LossSettings, StepContext
 from utils.config import ConfigError
 from utils.distributed import all_gather_with_grad, gather_strided_shards
 from utils.errors import InputError

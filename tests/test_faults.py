@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from model.features import TrainFeatures
-from model.strategies import STRATEGIES, LossSettings, Objective, StepContext
+from model.objective import Objective
+from model.strategies import STRATEGIES, LossSettings, StepContext
 from tests.conftest import compose_config, demo_overrides
 from utils.io import atomic_write, atomic_write_json, atomic_write_text
 

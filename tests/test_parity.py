@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from model.features import TrainFeatures
-from model.strategies import STRATEGIES, LossSettings, Objective, StepContext
+from model.objective import Objective
+from model.strategies import STRATEGIES, LossSettings, StepContext
 from tests.conftest import compose_config
 from tests.seed_reference import seed_strategy_total
 from tests.test_configs import SEED_IRRA_COMMAND, SEED_README_COMMAND

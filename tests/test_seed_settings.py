@@ -34,8 +34,9 @@ from data.transforms import build_augmentation, build_simclr_transform
 from lightning_models import TBPSLitModule
 from model.backbone import load_backbone, needs_per_call_interpolation
 from model.features import TrainFeatures
+from model.objective import Objective
 from model.objectives import cmpm_loss
-from model.strategies import LossSettings, Objective, StepContext
+from model.strategies import LossSettings, StepContext
 from model.tbps import TBPS, Heads
 from tests.conftest import compose_config, demo_overrides
 from utils.config import ConfigError

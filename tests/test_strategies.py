@@ -10,8 +10,9 @@ from data.mlm import mask_tokens
 from model.backbone import load_backbone
 from model.build import build_model
 from model.features import TrainFeatures
+from model.objective import AUXILIARY_TERMS, Objective
 from model.objectives import cosine_similarity, identity_mask, sigmoid_nitc_loss
-from model.strategies import AUXILIARY_TERMS, STRATEGIES, LossSettings, Objective, StepContext
+from model.strategies import STRATEGIES, LossSettings, StepContext
 from model.tbps import TBPS, Heads
 
 SEED_STRATEGY_TERMS = {

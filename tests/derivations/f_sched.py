@@ -1,6 +1,6 @@
 import math
 
-groups = {  # order of named groups as listed in SEED_SPEC 6.6; 'default' is the fallback
+groups = {  # the original project's tbps_clip_no_decay groups in order; 'default' is the fallback
     "backbone": dict(lr=1e-5, start_lr=1e-6, end_lr=5e-6, betas=(0.9, 0.95), weight_decay=0.0),
     "cross": dict(lr=5e-5, start_lr=5e-6, end_lr=2.5e-5, betas=(0.9, 0.98), weight_decay=0.2),
     "classifier": dict(lr=5e-5, start_lr=5e-6, end_lr=2.5e-5, betas=(0.9, 0.98), weight_decay=0.2),
