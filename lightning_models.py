@@ -14,16 +14,15 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from config_schema import typed
 from data.datasets import load_rgb
-from model.backbone import image_size_problems
 from model.build import build_model
 from model.features import TrainFeatures, gathered
-from model.lora import LoraSettings
 from model.objective import Objective
 from model.objectives import cosine_similarity, identity_mask
 from model.strategies import LossSettings, StepContext
-from solver.build import build_optimizer, optimizer_problems
-from solver.lr_scheduler import build_scheduler, scheduler_problems
+from solver.build import build_optimizer
+from solver.lr_scheduler import build_scheduler
 from utils.analysis import save_failure_gallery, save_similarity_histogram
 from utils.distributed import all_gather_objects, all_gather_with_grad, gather_strided_shards, rank, world_size
 from utils.metrics import rank_metrics
@@ -32,27 +31,6 @@ from utils.tables import results_table
 log = logging.getLogger(__name__)
 
 GALLERY, QUERIES = 0, 1  # dataloader indices of an evaluation split
-
-
-def model_config_problems(cfg: DictConfig) -> list[str]:
-    """Problems in the loss / optimizer / scheduler groups, found before anything is built."""
-    issues = []
-    try:
-        issues += LossSettings.from_mapping(cfg.loss).problems(use_sigmoid=cfg.backbone.get("use_sigmoid", True))
-    except ValueError as error:
-        issues.append(str(error))
-    if cfg.get("lora"):
-        try:
-            issues += LoraSettings.from_mapping(cfg.lora).problems()
-        except ValueError as error:
-            issues.append(str(error))
-    backbone = cfg.backbone
-    issues += image_size_problems(
-        backbone.path, backbone.image_size, patch_size=(backbone.get("tiny") or {}).get("patch_size")
-    )
-    issues += optimizer_problems(cfg.optimizer)
-    issues += scheduler_problems(cfg.scheduler)
-    return issues
 
 
 def pair_statistics(feats: TrainFeatures) -> dict[str, Tensor]:
@@ -103,7 +81,8 @@ class TBPSLitModule(L.LightningModule):
     ):
         """
         Args:
-            cfg: The composed config (stored resolved, so a checkpoint rebuilds the module without Hydra).
+            cfg: The composed config (stored resolved, so a checkpoint rebuilds the module without Hydra; on loading,
+                keys added to the schema since take their defaults).
             num_classes: Training identities, for the ID loss's classifier.
             text_vocab_size: Tokenizer size when it exceeds the checkpoint's (MLM adds a mask token).
         """
@@ -116,14 +95,13 @@ class TBPSLitModule(L.LightningModule):
                 "text_vocab_size": text_vocab_size,
             }
         )
-        self.cfg = OmegaConf.create(self.hparams.cfg)
-        backbone_cfg = self.cfg.backbone
+        self.cfg = typed(self.hparams.cfg)
         settings = LossSettings.from_mapping(self.cfg.loss)
-        self.objective = Objective(settings, use_sigmoid=backbone_cfg.get("use_sigmoid", True))
+        self.objective = Objective(settings, use_sigmoid=self.cfg.backbone.use_sigmoid)
         self.model = build_model(
-            backbone_cfg,
+            self.cfg.backbone,
             self.objective,
-            lora_cfg=self.cfg.get("lora"),
+            lora_cfg=self.cfg.lora,
             num_classes=num_classes,
             text_vocab_size=text_vocab_size,
         )
@@ -131,7 +109,7 @@ class TBPSLitModule(L.LightningModule):
         self.eval_results: dict[str, dict[str, dict[str, float]]] = {}
         #: Printed after "Val results" / "Test results" (which split and which weights the table is about).
         self.eval_labels: dict[str, str] = {}
-        if self.cfg.get("model_selection", "validation") == "test":
+        if self.cfg.model_selection == "test":
             self.eval_labels["val"] = " [TEST split: the peers' select-on-test protocol, for parity only]"
 
     @property
@@ -219,7 +197,7 @@ class TBPSLitModule(L.LightningModule):
     def _eval_step(self, batch: dict[str, Tensor], dataloader_idx: int) -> None:
         # "dot" keeps the raw pooled embeddings: the original project ranked by unnormalised dot products (its published
         # numbers); "cosine" (default) ranks by cosine similarity, as training optimises.
-        normalise = self.cfg.get("eval_scoring", "cosine") == "cosine"
+        normalise = self.cfg.eval_scoring == "cosine"
         if dataloader_idx == GALLERY:
             embed = self.model.encode_image if normalise else self.model.image_embeddings
             feats = embed(batch["images"])
@@ -238,16 +216,27 @@ class TBPSLitModule(L.LightningModule):
         return feats, pids
 
     def _eval_epoch_end(self, stage: str) -> None:
+        if self.trainer.sanity_checking:
+            # Lightning's sanity check encodes a few batches of each loader, a part of the gallery: it checks the code
+            # path; ranking queries against part of the gallery would report nothing meaningful (or fail).
+            self._eval_feats = {GALLERY: [], QUERIES: []}
+            return
         (image_feats, image_pids), (text_feats, text_pids) = (self._eval_split(i) for i in (GALLERY, QUERIES))
         self._eval_feats = {GALLERY: [], QUERIES: []}
         results = sim_t2i = failure = None
         if self.trainer.is_global_zero:  # ranked once; every rank then logs the same numbers
             sim_t2i = text_feats @ image_feats.T  # (Q_text, G_image) cosine (or, with eval_scoring=dot, raw) scores
-            budget = int(self.cfg.get("eval_memory_budget_mb", 256)) * 2**20  # per query chunk of the ranking
+            budget = self.cfg.eval_memory_budget_mb * 2**20  # per query chunk of the ranking
             try:
+                sim_i2t, i2t_pids = sim_t2i.T, image_pids
+                if stage in getattr(self.trainer.datamodule, "limited_stages", ()):
+                    # Only some captions were kept (trainer.limit_*_batches): images of other people have no
+                    # relevant caption left, so i2t ranks the images of the kept captions' people.
+                    shown = torch.isin(image_pids, text_pids)
+                    sim_i2t, i2t_pids = sim_i2t[shown], image_pids[shown]
                 results = {
                     "t2i": rank_metrics(sim_t2i, text_pids, image_pids, memory_budget_bytes=budget),
-                    "i2t": rank_metrics(sim_t2i.T, image_pids, text_pids, memory_budget_bytes=budget),
+                    "i2t": rank_metrics(sim_i2t, i2t_pids, text_pids, memory_budget_bytes=budget),
                 }
             except Exception as error:
                 if self.trainer.world_size == 1:
@@ -266,7 +255,7 @@ class TBPSLitModule(L.LightningModule):
             {f"{stage}/{task}_{k}": v for task, metrics in results.items() for k, v in metrics.items()}, sync_dist=True
         )
         self.log(f"{stage}_score", results["t2i"]["R1"], prog_bar=stage == "val", sync_dist=True)
-        if sim_t2i is not None and not self.trainer.sanity_checking:
+        if sim_t2i is not None:
             self._save_pictures(stage, sim_t2i, text_pids, image_pids)
         if self.trainer.is_global_zero:
             log.info("%s results%s:\n%s", stage.capitalize(), self.eval_labels.get(stage, ""), results_table(results))
@@ -274,7 +263,7 @@ class TBPSLitModule(L.LightningModule):
     def _save_pictures(self, stage: str, sim_t2i: Tensor, text_pids: Tensor, image_pids: Tensor) -> None:
         """Similarity histogram (every evaluation) and, at test time, the failure gallery; PNGs in the run folder,
         also logged to W&B when it is the logger."""
-        if self.cfg.get("eval_scoring", "cosine") != "cosine":
+        if self.cfg.eval_scoring != "cosine":
             return  # the histogram and thresholds are about cosines
         out = Path(self.trainer.default_root_dir)
         pictures = {

@@ -70,7 +70,7 @@ def _zero_shot(module: TBPSLitModule, datamodule: Any, device: torch.device) -> 
     tokenizer = datamodule.tokenizer
     own = tokenizer.return_attention_mask
     rows = []
-    split = "test" if module.cfg.get("model_selection", "validation") == "test" else "validation"
+    split = "test" if module.cfg.model_selection == "test" else "validation"
     for mask in (False, True):
         tokenizer.return_attention_mask = mask
         loaders = datamodule.val_dataloader()

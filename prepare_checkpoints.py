@@ -15,9 +15,12 @@ import logging
 import sys
 from pathlib import Path
 
+from omegaconf import DictConfig
+
+from data.readers import DatasetNotFoundError
 from data.synthetic import SyntheticSpec, all_captions, ensure_vn3k
 from model.backbone import check_model_dir
-from model.checkpoints import TinySiglipSpec, write_tiny_checkpoint
+from model.checkpoints import TinyCheckpointSpec, write_tiny_checkpoint
 
 log = logging.getLogger("prepare_checkpoints")
 
@@ -43,13 +46,39 @@ def download(repo_id: str, out_dir: Path) -> Path:
     return check_model_dir(out_dir)
 
 
-def build_tiny(out_dir: Path, data_root: Path) -> Path:
-    """Write the tiny checkpoint, generating the embedded dataset first (its captions train the tokenizer)."""
+def build_tiny(out_dir: Path, dataset_dir: Path, spec: TinyCheckpointSpec) -> Path:
+    """Write the tiny checkpoint (unless present) with a tokenizer trained on the captions of `dataset_dir`."""
     if out_dir.exists():
         log.info("%s already exists; delete it to rebuild.", out_dir)
         return check_model_dir(out_dir)
-    dataset_dir = ensure_vn3k(data_root, SyntheticSpec())
-    return write_tiny_checkpoint(out_dir, all_captions(dataset_dir), TinySiglipSpec())
+    return write_tiny_checkpoint(out_dir, all_captions(dataset_dir), spec)
+
+
+def ensure_demo_assets(cfg: DictConfig) -> None:
+    """Create the embedded dataset and the tiny checkpoint when the config asks for them and they are absent.
+
+    `dataset.synthetic` generates `<dataset_root_dir>/VN3K`; `backbone.tiny` builds `backbone.path` with a
+    SentencePiece vocabulary trained on the generated captions. Real datasets and checkpoints carry neither key.
+    """
+    synthetic, root = cfg.dataset.synthetic, Path(cfg.dataset_root_dir)
+    if synthetic:
+        ensure_vn3k(
+            root,
+            SyntheticSpec(
+                num_identities=synthetic.num_identities,
+                images_per_identity=tuple(synthetic.images_per_identity),
+                image_size=tuple(synthetic.image_size),
+                seed=synthetic.seed,
+            ),
+        )
+    tiny = cfg.backbone.tiny
+    if tiny and not Path(cfg.backbone.path).exists():
+        if not (root / "VN3K").is_dir():
+            raise DatasetNotFoundError(
+                f"The tiny tokenizer is trained on {root / 'VN3K'}, which does not exist: set dataset.synthetic "
+                "(the demo config does) or point dataset_root_dir at a folder holding VN3K/."
+            )
+        build_tiny(Path(cfg.backbone.path), root / "VN3K", TinyCheckpointSpec(**tiny))
 
 
 def export(checkpoint: Path, out_dir: Path) -> Path:
@@ -71,7 +100,7 @@ def export(checkpoint: Path, out_dir: Path) -> Path:
     tokenizer = CaptionTokenizer.from_pretrained(
         cfg.tokenizer.pretrained_model_name_or_path, cfg.tokenizer.model_max_length
     )
-    if cfg.loss.get("MLM"):
+    if cfg.loss.MLM:
         tokenizer.add_mask_token()
     return export_model(
         module.model,
@@ -102,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("--export needs --out <folder>")
         path = export(args.export, args.out)
     elif args.tiny:
-        path = build_tiny(args.out or args.data_root / "tiny_siglip", args.data_root)
+        dataset_dir = ensure_vn3k(args.data_root, SyntheticSpec())
+        path = build_tiny(args.out or args.data_root / "tiny_siglip", dataset_dir, TinyCheckpointSpec())
     else:
         path = download(args.repo_id, args.out or Path("m_siglip_checkpoints"))
     log.info("Checkpoint ready: %s", path)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import pickle
 import signal
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,146 +10,56 @@ from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
-from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_data import build_datamodule, data_config_problems, ensure_demo_assets
-from lightning_models import TBPSLitModule, model_config_problems
+from config_schema import checkpoint_problems, register_schema, validate_config
+from lightning_callbacks import AtomicCheckpointIO, QueryLimit, build_logger, checkpoint_dir_of, training_callbacks
+from lightning_data import TBPSDataModule, build_datamodule
+from lightning_models import TBPSLitModule
 from preflight import run_preflight
-from utils.config import ConfigError, register_resolvers
+from prepare_checkpoints import ensure_demo_assets
+from utils.config import ConfigError
 from utils.errors import InputError
-from utils.io import atomic_write, atomic_write_json
+from utils.io import atomic_write_json
 from utils.metrics import chance_rank1
 
 log = logging.getLogger(__name__)
-register_resolvers()
-
-
-#: Lightning strategies whose workers are forked or spawned from this process: train() could not return their results.
-PROCESS_POOL_STRATEGIES = ("ddp_spawn", "ddp_fork", "ddp_notebook", "ddp_spawn_find_unused_parameters_true")
-
-
-def checkpoint_problems(path: Path) -> list[str]:
-    """Empty when `path` is a checkpoint torch can read without unpickling code (memory-mapped: nothing is copied)."""
-    fix = "pass a .ckpt written by trainer.py, such as <run folder>/checkpoints/last.ckpt"
-    if not path.is_file():
-        return [f"ckpt_path={str(path)!r} does not exist; {fix}, or ckpt_path=null to start from the backbone."]
-    try:
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, EOFError, KeyError, OSError, pickle.UnpicklingError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        return [f"ckpt_path={str(path)!r} is not a readable checkpoint ({reason}); {fix}."]
-    return []
-
-
-def validate_config(cfg: DictConfig) -> None:
-    """Raise one ConfigError listing every problem of the composed config (before any download or model build)."""
-    problems = []
-    try:
-        OmegaConf.to_container(cfg, resolve=True)
-    except Exception as error:  # noqa: BLE001 - any interpolation error is a config problem to report
-        problems.append(f"cannot resolve the config: {error}")
-    else:
-        problems += data_config_problems(cfg) + model_config_problems(cfg)
-    if str(cfg.trainer.get("strategy", "")) in PROCESS_POOL_STRATEGIES:
-        problems.append(
-            f"trainer.strategy={cfg.trainer.strategy} keeps the results in the started processes; use "
-            "trainer.strategy=ddp (trainer=ddp or trainer=ddp_cpu)."
-        )
-    if cfg.get("ckpt_path"):
-        problems += checkpoint_problems(Path(cfg.ckpt_path))
-    if problems:
-        raise ConfigError(problems)
-
-
-def build_logger(cfg: DictConfig, run_dir: Path, run_name: str) -> Logger:
-    if cfg.logger.type == "wandb":
-        return WandbLogger(
-            project=cfg.logger.project,
-            name=run_name,
-            save_dir=str(run_dir),
-            mode=cfg.logger.mode,
-            config=OmegaConf.to_container(cfg, resolve=True),
-        )
-    if cfg.logger.type == "csv":
-        return CSVLogger(save_dir=str(run_dir), name="csv")
-    raise ConfigError([f"logger.type={cfg.logger.type!r} is unknown; valid: ['csv', 'wandb']."])
+register_schema()
 
 
 def trainer_settings(cfg: DictConfig) -> dict[str, Any]:
-    """Keyword arguments of lightning.Trainer: the `trainer` group, with data sharding left to TBPSDataModule.
+    """Keyword arguments of lightning.Trainer: the `trainer` group's set values, data sharding left to the data module.
 
     Lightning's own distributed sampler would split identity batches across ranks and pad evaluation sets with
     repeated items; the data module shards both correctly itself.
     """
-    return {**OmegaConf.to_container(cfg.trainer, resolve=True), "use_distributed_sampler": False}
+    settings = OmegaConf.to_container(cfg.trainer, resolve=True)
+    return {**{k: v for k, v in settings.items() if v is not None}, "use_distributed_sampler": False}
 
 
-def extra_callbacks(cfg: DictConfig) -> list[Callback]:
-    """Early stopping on the validation score when `early_stopping` is configured (`+early_stopping.patience=10`)."""
-    if not cfg.get("early_stopping"):
-        return []
-    settings = {"monitor": "val_score", "mode": "max", **cfg.early_stopping}
-    return [EarlyStopping(**settings)]
+def chance_level(datamodule: TBPSDataModule) -> float:
+    """t2i R1 of a random ranking of the test split, the floor every result is read against."""
+    test = datamodule.splits.test
+    return chance_rank1(test.caption_pids, test.image_pids)
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints written to a temporary file in their own folder, fsynced, then renamed over the target.
-
-    Lightning's fsspec transaction stages the file in $TMPDIR and, when that is another file system (node-local
-    /tmp, checkpoints on shared storage), copies it over the target in place: a kill mid-copy truncates last.ckpt.
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        if storage_options is not None or "://" in str(path):  # remote storage: Lightning's fsspec upload
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        atomic_write(path, lambda file: torch.save(checkpoint, file))
-        return None
-
-
-class ResumeHint(Callback):
-    """Says how to resume when training stops early (SIGTERM from a scheduler, Ctrl-C, a crash)."""
-
-    def __init__(self, latest: ModelCheckpoint):
-        self.latest = latest
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if not trainer.is_global_zero or not isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
-            return  # other errors are reported by what raised them; resuming would not fix them
-        last = Path(self.latest.dirpath) / "last.ckpt"
-        where = f"Training stopped at epoch {trainer.current_epoch}, step {trainer.global_step}"
-        if last.is_file():
-            log.error("%s. Resume from the last completed epoch with the same command plus ckpt_path=%s", where, last)
-        else:
-            log.error("%s, before the first epoch ended: no checkpoint to resume from; rerun the command.", where)
+def write_results(trainer: L.Trainer, run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
+    if trainer.is_global_zero:
+        atomic_write_json(run_dir / "results.json", results)
+    return results
 
 
 def protocol_of(cfg: DictConfig) -> str:
     """How the reported numbers were obtained, for the log and results.json."""
-    if cfg.get("model_selection", "validation") == "test":
+    if cfg.model_selection == "test":
         return "peers' protocol: every training identity trained, epochs selected on the test split"
-    held_out = cfg.dataset.get("val_identities", 0)
+    held_out = cfg.dataset.val_identities
     if held_out:
         return f"epochs selected on validation ({held_out} training identities held out if the dataset has none)"
     return "epochs selected on the dataset's validation split"
-
-
-def checkpoint_dir_of(cfg: DictConfig, run_dir: Path) -> Path:
-    """Where checkpoints go: `run_dir/checkpoints`, or, when resuming, the folder of the checkpoint resumed from.
-
-    Lightning restores a ModelCheckpoint's best score and top-k list only in the folder that wrote them; in a new
-    folder the selection would restart after the resume point, and a preempted run would report another "best" epoch.
-    """
-    if cfg.get("ckpt_path"):
-        folder = Path(cfg.ckpt_path).resolve().parent
-        log.info("Resuming: checkpoints continue in %s (best-checkpoint selection carries over)", folder)
-        return folder
-    return run_dir / "checkpoints"
 
 
 def train(cfg: DictConfig, run_dir: Path, run_name: str = "run", callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
@@ -177,41 +86,14 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str = "run", callbacks: Sequ
                 f"text tower embeds {module.text_vocab_size}; use the tokenizer saved with the checkpoint."
             ]
         )
-    test = datamodule.splits.test
-    chance = chance_rank1(test.caption_pids, test.image_pids)
+    chance = chance_level(datamodule)
     log.info("chance t2i R1: %.2f%%; protocol: %s", chance, protocol_of(cfg))
-
-    checkpoint_dir = checkpoint_dir_of(cfg, run_dir)
-    # epoch03-val_score29.37.ckpt (best on validation t2i R1). No "=" in the name (Lightning's default): Hydra would
-    # then need the path quoted in `ckpt_path=...`.
-    best = ModelCheckpoint(
-        dirpath=checkpoint_dir,
-        filename="epoch{epoch:02d}-val_score{val_score:.2f}",
-        auto_insert_metric_name=False,
-        **cfg.logger.checkpoint,
-    )
-    # last.ckpt, rewritten after every epoch: the resume point. Lightning's save_last only refreshes it in epochs
-    # that also save a best checkpoint, so after a plateau it would hold an old epoch.
-    latest = ModelCheckpoint(
-        dirpath=checkpoint_dir,
-        filename="last",
-        monitor=None,
-        save_top_k=1,
-        enable_version_counter=False,
-        save_on_train_epoch_end=True,  # also in epochs without validation (check_val_every_n_epoch > 1)
-    )
+    best, own_callbacks = training_callbacks(cfg, checkpoint_dir_of(cfg, run_dir))
     trainer = L.Trainer(
         default_root_dir=run_dir,
         logger=build_logger(cfg, run_dir, run_name),
         plugins=[AtomicCheckpointIO()],
-        callbacks=[
-            best,
-            latest,
-            ResumeHint(latest),
-            LearningRateMonitor(logging_interval="step"),
-            *extra_callbacks(cfg),
-            *callbacks,
-        ],
+        callbacks=[*own_callbacks, *callbacks],
         **trainer_settings(cfg),
     )
     if cfg.eval_before_train:
@@ -221,7 +103,7 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str = "run", callbacks: Sequ
     trainer.test(module, datamodule=datamodule, verbose=False)
     test_last = module.eval_results["test"]
     best_path = best.best_model_path or None
-    selection = "validation" if cfg.get("model_selection", "validation") == "validation" else "TEST (peers' protocol)"
+    selection = "validation" if cfg.model_selection == "validation" else "TEST (peers' protocol)"
     module.eval_labels["test"] = f" (checkpoint selected on {selection}: {best_path or 'final weights'})"
     trainer.test(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)
     results = {
@@ -229,12 +111,10 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str = "run", callbacks: Sequ
         "test_last": test_last,
         "chance_t2i_R1": chance,
         "best_checkpoint": best_path,
-        "model_selection": cfg.get("model_selection", "validation"),
+        "model_selection": cfg.model_selection,
         "protocol": protocol_of(cfg),
     }
-    if trainer.is_global_zero:
-        atomic_write_json(run_dir / "results.json", results)
-    return results
+    return write_results(trainer, run_dir, results)
 
 
 def evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -260,10 +140,9 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         ) from error
     eval_cfg = OmegaConf.merge(module.cfg, {"dataset": cfg.dataset, "dataset_root_dir": cfg.dataset_root_dir})
     datamodule = build_datamodule(eval_cfg, stage="test")
-    test = datamodule.splits.test
-    chance = chance_rank1(test.caption_pids, test.image_pids)
+    chance = chance_level(datamodule)
     log.info("Evaluating %s on %s; chance t2i R1: %.2f%%", checkpoint, cfg.dataset.dataset_name, chance)
-    trainer = L.Trainer(default_root_dir=run_dir, logger=False, **trainer_settings(cfg))
+    trainer = L.Trainer(default_root_dir=run_dir, logger=False, callbacks=[QueryLimit()], **trainer_settings(cfg))
     trainer.test(module, datamodule=datamodule, verbose=False)
     results = {
         **module.eval_results,
@@ -271,9 +150,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "checkpoint": str(checkpoint),
         "dataset": cfg.dataset.dataset_name,
     }
-    if trainer.is_global_zero:
-        atomic_write_json(run_dir / "results.json", results)
-    return results
+    return write_results(trainer, run_dir, results)
 
 
 def user_message(error: InputError) -> str:
@@ -298,11 +175,11 @@ def main(cfg: DictConfig) -> None:
     name = cfg.logger.experiment_name or run_name_of(hydra_cfg.job.config_name or "run", hydra_cfg.overrides.task)
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        if cfg.get("preflight", False):
+        if cfg.preflight:
             validate_config(cfg)
             ensure_demo_assets(cfg)
             raise SystemExit(run_preflight(cfg))
-        if cfg.get("train", True):
+        if cfg.train:
             train(cfg, run_dir, name)
         else:
             validate_config(cfg)

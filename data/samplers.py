@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 #: `dataset.sampler_coverage` values of the identity sampler.
 COVERAGES = ("chunks", "all")
+#: `dataset.sampler`: torch's shuffled (distributed) sampler, or `IdentitySampler`.
+SAMPLERS = ("random", "identity")
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model.backbone import load_backbone, needs_per_call_interpolation
+from transformers import PreTrainedModel
+
+from model.backbone import image_size_problems, load_backbone, needs_per_call_interpolation
+from model.checkpoints import TinyCheckpointSpec
 from model.lora import LoraSettings, apply_lora
 from model.objective import Objective
 from model.tbps import TBPS, Heads
@@ -19,8 +23,43 @@ from model.tbps import TBPS, Heads
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class FreezeSettings:
+    """Towers kept at their pre-trained weights."""
+
+    vision: bool = False
+    text: bool = False
+
+
+@dataclass
+class BackboneSettings:
+    """The `backbone` config group."""
+
+    path: str = "???"  # a Hugging Face model folder (config.json + weights)
+    image_size: list[int] = "${img_size}"  # type: ignore[assignment]  # (height, width): the top-level img_size
+    text_config: dict[str, Any] = field(default_factory=dict)  # overrides of the checkpoint's text config
+    vision_config: dict[str, Any] = field(default_factory=dict)
+    freeze: FreezeSettings = field(default_factory=FreezeSettings)
+    gradient_checkpointing: bool = False
+    use_sigmoid: bool = True  # SigLIP: sigmoid N-ITC with a learnable bias; false for CLIP (softmax)
+    tiny: TinyCheckpointSpec | None = None  # build this offline checkpoint at `path` when absent (the demo)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> BackboneSettings:
+        """From the config group (or a partial mapping: the other fields take their defaults)."""
+        values = dict(values)
+        values["freeze"] = FreezeSettings(**(values.get("freeze") or {}))
+        if values.get("tiny"):
+            values["tiny"] = TinyCheckpointSpec(**values["tiny"])
+        return cls(**values)
+
+    def problems(self) -> list[str]:
+        """The image size must tile into whole patches of the checkpoint (or of the tiny one to be built)."""
+        return image_size_problems(self.path, self.image_size, patch_size=self.tiny.patch_size if self.tiny else None)
+
+
 def build_model(
-    backbone_cfg: Mapping[str, Any],
+    backbone_cfg: BackboneSettings | Mapping[str, Any],
     objective: Objective,
     *,
     lora_cfg: Mapping[str, Any] | None = None,
@@ -31,8 +70,7 @@ def build_model(
     config or the objective leaves untrained (towers; logit scale and bias no loss reads).
 
     Args:
-        backbone_cfg: The `backbone` group (path, image_size, text_config, vision_config, gradient_checkpointing,
-            freeze).
+        backbone_cfg: The `backbone` group (`BackboneSettings` or a mapping of its fields).
         objective: The training objective; its flags decide the heads and which logit parameters train.
         lora_cfg: The `lora` group, or None for full fine-tuning.
         num_classes: Training identities, for the ID loss's classifier.
@@ -44,13 +82,14 @@ def build_model(
     settings = objective.settings
     if settings.ID and not num_classes:
         raise ValueError("loss.ID needs the number of training identities (num_classes).")
-    image_size = tuple(backbone_cfg["image_size"])
+    config = backbone_cfg if isinstance(backbone_cfg, BackboneSettings) else BackboneSettings.from_mapping(backbone_cfg)
+    image_size = tuple(config.image_size)
     backbone = load_backbone(
-        Path(backbone_cfg["path"]),
+        Path(config.path),
         image_size=image_size,
-        text_config_overrides=backbone_cfg.get("text_config"),
-        vision_config_overrides=backbone_cfg.get("vision_config"),
-        gradient_checkpointing=backbone_cfg.get("gradient_checkpointing", False),
+        text_config_overrides=config.text_config,
+        vision_config_overrides=config.vision_config,
+        gradient_checkpointing=config.gradient_checkpointing,
         text_vocab_size=text_vocab_size,
     )
     if lora_cfg:
@@ -60,12 +99,11 @@ def build_model(
         num_classes=num_classes if settings.ID else None,
         mlm_depth=settings.cmt_depth if settings.MLM else None,
     )
-    freeze = backbone_cfg.get("freeze") or {}
     model = TBPS(
         backbone,
         heads,
-        freeze_vision=freeze.get("vision", False),
-        freeze_text=freeze.get("text", False),
+        freeze_vision=config.freeze.vision,
+        freeze_text=config.freeze.text,
         interpolate_pos_encoding=needs_per_call_interpolation(backbone, image_size),
     )
     log.info("Training objective: %s", objective.describe())
@@ -73,3 +111,8 @@ def build_model(
     if frozen:
         log.info("%s frozen: no training loss of this objective reads them", " and ".join(frozen))
     return model
+
+
+def inference_model(backbone: PreTrainedModel, image_size: tuple[int, int]) -> TBPS:
+    """A TBPS that only encodes (search over an exported folder): no heads, nothing trained."""
+    return TBPS(backbone, interpolate_pos_encoding=needs_per_call_interpolation(backbone, image_size))

@@ -23,9 +23,9 @@ from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipImageProcess
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class TinySiglipSpec:
-    """Shape of the offline demo backbone (both towers)."""
+@dataclass
+class TinyCheckpointSpec:
+    """Shape of the offline demo backbone (both towers): the `backbone.tiny` config node."""
 
     architecture: str = "siglip"  # "siglip" (SiglipModel) or "clip" (CLIPModel, for the softmax code path)
     hidden_size: int = 128
@@ -76,7 +76,7 @@ def train_sentencepiece(captions: Iterable[str], out_prefix: Path, vocab_size: i
 
 
 def write_tiny_checkpoint(
-    out_dir: str | Path, captions: Iterable[str], spec: TinySiglipSpec = TinySiglipSpec()
+    out_dir: str | Path, captions: Iterable[str], spec: TinyCheckpointSpec = TinyCheckpointSpec()
 ) -> Path:
     """Write a randomly initialised tiny SigLIP and its tokenizer to `out_dir` atomically; return `out_dir`.
 

@@ -46,7 +46,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-@dataclass(frozen=True)
+@dataclass
 class LoraSettings:
     """The `lora` config group. The defaults are those of the Circle-Loss runs (`run_cir_loss.sh`)."""
 
@@ -54,7 +54,8 @@ class LoraSettings:
     lora_alpha: int = 64  # the update is scaled by lora_alpha / r (2 here)
     lora_dropout: float = 0.05  # dropout on the adapter input
     bias: str = "none"  # one of BIAS_MODES
-    target_modules: str | list[str] = SELF_ATTENTION_PATTERN  # regex (full match) or list of name suffixes
+    # A regex (full match) or a list of name suffixes (typed Any: OmegaConf's schemas have no str-or-list type).
+    target_modules: Any = SELF_ATTENTION_PATTERN
     train_logit_params: bool = True  # keep logit_scale / logit_bias trainable
 
     @classmethod

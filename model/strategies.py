@@ -38,7 +38,7 @@ from model.objectives import (
 )
 
 
-@dataclass(frozen=True)
+@dataclass
 class LossSettings:
     """The `loss` config group; field names are the original project's, so its YAML files and commands keep working."""
 

@@ -87,7 +87,7 @@ def _load_checkpoint(path: Path, device: torch.device, text_attention_mask: bool
             "run pickled code); pass a checkpoint written by `trainer.py` or an exported folder."
         ) from err
     cfg = module.cfg
-    mask = cfg.tokenizer.get("use_attention_mask", False) if text_attention_mask is None else text_attention_mask
+    mask = cfg.tokenizer.use_attention_mask if text_attention_mask is None else text_attention_mask
     tokenizer = CaptionTokenizer.from_pretrained(
         cfg.tokenizer.pretrained_model_name_or_path, cfg.tokenizer.model_max_length, return_attention_mask=mask
     )
@@ -105,7 +105,7 @@ def _read_json(path: Path, fix: str) -> dict[str, Any]:
 
 
 def _load_exported(path: Path, device: torch.device, text_attention_mask: bool | None) -> SearchEncoder:
-    from model.backbone import needs_per_call_interpolation
+    from model.build import inference_model
     from model.export import TEXT_MASK_FIELD, load_exported
 
     fix = "export the model with `uv run prepare_checkpoints.py --export RUN/checkpoints/last.ckpt --out DIR`."
@@ -127,8 +127,7 @@ def _load_exported(path: Path, device: torch.device, text_attention_mask: bool |
     tokenizer = CaptionTokenizer.from_pretrained(
         path, min(int(saved), text_positions), return_attention_mask=text_attention_mask
     )
-    model = TBPS(backbone, interpolate_pos_encoding=needs_per_call_interpolation(backbone, size))
-    return SearchEncoder(model, tokenizer, size, mean, std, path, device)
+    return SearchEncoder(inference_model(backbone, size), tokenizer, size, mean, std, path, device)
 
 
 LOADERS: dict[str, Callable[[Path, torch.device, bool | None], SearchEncoder]] = {

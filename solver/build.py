@@ -10,9 +10,11 @@ only hurts. Frozen parameters are never handed to the optimizer.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,6 +36,38 @@ OPTIMIZERS: dict[str, tuple[str, str]] = {
 }
 
 
+@dataclass
+class ParamGroupSettings:
+    """One entry of `optimizer.param_groups`. Unset (null) values of a named group follow `default`."""
+
+    lr: float | None = None
+    weight_decay: float | None = None
+    weight_decay_bias: float | None = None  # biases and other 1-D parameters (norms, logit scale/bias)
+    betas: list[float] | None = None
+    eps: float | None = None
+    momentum: float | None = None  # SGD
+    start_lr: float | None = None  # warmup starts here
+    end_lr: float | None = None  # the decay ends here
+    lr_factor: float | None = None  # named groups: their rates are default's times this (1 when unset)
+
+
+@dataclass
+class OptimizerSettings:
+    """The `optimizer` config group."""
+
+    type: str = "???"  # a key of OPTIMIZERS; every optimizer file names its class
+    param_groups: dict[str, ParamGroupSettings] = field(default_factory=dict)
+
+    def problems(self) -> list[str]:
+        groups = {name: dataclasses.asdict(group) for name, group in self.param_groups.items()}
+        return optimizer_problems({"type": self.type, "param_groups": groups})
+
+
+def _given(group: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The values a param group sets itself (the schema fills the others with null: they follow `default`)."""
+    return {key: value for key, value in (group or {}).items() if value is not None}
+
+
 def optimizer_problems(optimizer_cfg: Mapping[str, Any]) -> list[str]:
     """Config problems that would make `build_optimizer` fail (checked before any model is built)."""
     name = optimizer_cfg.get("type")
@@ -44,18 +78,18 @@ def optimizer_problems(optimizer_cfg: Mapping[str, Any]) -> list[str]:
     if "default" not in groups:
         issues.append("optimizer.param_groups needs a `default` group.")
     else:
-        missing = [key for key in RATE_KEYS if key not in groups["default"]]
+        missing = [key for key in RATE_KEYS if key not in _given(groups["default"])]
         if missing:
             issues.append(f"optimizer.param_groups.default needs {missing}.")
     for group_name, group in groups.items():
-        fixed = [key for key in RATE_KEYS if group_name != "default" and key in (group or {})]
+        fixed = [key for key in RATE_KEYS if group_name != "default" and key in _given(group)]
         if fixed:
             issues.append(
                 f"optimizer.param_groups.{group_name} sets {fixed}: named groups follow default's rates; set "
                 f"optimizer.param_groups.{group_name}.lr_factor (their ratio to default) or "
                 "optimizer.param_groups.default.lr."
             )
-        if group_name == "default" and "lr_factor" in (group or {}):
+        if group_name == "default" and "lr_factor" in _given(group):
             issues.append("optimizer.param_groups.default.lr_factor is not allowed: set default.lr itself.")
     module, _ = OPTIMIZERS[name]
     if module.startswith("bitsandbytes"):
@@ -79,8 +113,8 @@ def _is_no_decay(name: str, param: nn.Parameter) -> bool:
 
 def group_settings(groups_cfg: Mapping[str, Mapping[str, Any] | None], name: str) -> dict[str, Any]:
     """The settings of group `name`: `default`'s, overridden by the group's own, rates scaled by its `lr_factor`."""
-    default = dict(groups_cfg["default"])
-    own = dict(groups_cfg.get(name) or {}) if name != "default" else {}
+    default = _given(groups_cfg["default"])
+    own = _given(groups_cfg.get(name)) if name != "default" else {}
     factor = float(own.pop("lr_factor", 1.0))
     settings = {**default, **own}
     for key in RATE_KEYS:

@@ -6,8 +6,10 @@ Each param group warms up linearly from its `start_lr` to its `lr`, then follows
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch.optim import Optimizer
@@ -26,7 +28,7 @@ def _linear(progress: float, base: float, end: float, _: Mapping[str, Any]) -> f
 
 
 def _poly(progress: float, base: float, end: float, options: Mapping[str, Any]) -> float:
-    return end + (base - end) * (1 - progress) ** options.get("power", 0.9)
+    return end + (base - end) * (1 - progress) ** options["power"]
 
 
 def _exp(progress: float, base: float, end: float, options: Mapping[str, Any]) -> float:
@@ -43,8 +45,8 @@ def _constant(progress: float, base: float, end: float, _: Mapping[str, Any]) ->
 
 
 def _step(progress: float, base: float, end: float, options: Mapping[str, Any]) -> float:
-    milestones: Sequence[float] = options.get("milestones", (0.5, 0.75))  # fractions of the decay phase
-    return base * options.get("gamma", 0.1) ** sum(progress >= milestone for milestone in milestones)
+    milestones: Sequence[float] = options["milestones"]
+    return base * options["gamma"] ** sum(progress >= milestone for milestone in milestones)
 
 
 #: scheduler.seed_decay=true: the original project's `linear` and `exp` modes, both lr * (1 - r) towards 0 whatever
@@ -78,25 +80,35 @@ def lr_at(
         return start_lr + (base_lr - start_lr) * step / warmup_steps
     decay_steps = max(total_steps - warmup_steps, 1)
     progress = min((step - warmup_steps) / decay_steps, 1.0)
-    options = options or {}
-    decays = {**DECAYS, **SEED_DECAYS} if options.get("seed_decay") else DECAYS
+    options = {**dataclasses.asdict(SchedulerSettings()), **(options or {})}
+    decays = {**DECAYS, **SEED_DECAYS} if options["seed_decay"] else DECAYS
     return decays[mode](progress, base_lr, end_lr, options)
 
 
-def scheduler_problems(scheduler_cfg: Mapping[str, Any]) -> list[str]:
-    mode = scheduler_cfg.get("mode", "cosine")
-    issues = [] if mode in DECAYS else [f"scheduler.mode={mode!r} is unknown; valid: {sorted(DECAYS)}."]
-    fraction = scheduler_cfg.get("warmup_fraction", 0.0)
-    if not 0 <= fraction < 1:
-        issues.append(f"scheduler.warmup_fraction must be in [0, 1), got {fraction}.")
-    return issues
+@dataclass
+class SchedulerSettings:
+    """The `scheduler` config group: linear warmup from each group's `start_lr`, then a decay towards `end_lr`."""
+
+    mode: str = "cosine"  # a key of DECAYS
+    warmup_fraction: float = 0.0  # of the optimizer steps
+    seed_decay: bool = False  # true: linear and exp decay as lr * (1 - progress) towards 0 (the original project's)
+    power: float = 0.9  # poly
+    gamma: float = 0.1  # step: the factor at each milestone
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # step: fractions of the decay phase
+
+    def problems(self) -> list[str]:
+        issues = [] if self.mode in DECAYS else [f"scheduler.mode={self.mode!r} is unknown; valid: {sorted(DECAYS)}."]
+        if not 0 <= self.warmup_fraction < 1:
+            issues.append(f"scheduler.warmup_fraction must be in [0, 1), got {self.warmup_fraction}.")
+        return issues
 
 
 def build_scheduler(optimizer: Optimizer, scheduler_cfg: Mapping[str, Any], total_steps: int) -> LambdaLR:
     """LambdaLR applying `lr_at` to every param group (group `lr` is the peak, `start_lr`/`end_lr` its ends)."""
-    warmup_steps = int(scheduler_cfg.get("warmup_fraction", 0.0) * total_steps)
-    mode = scheduler_cfg.get("mode", "cosine")
-    options = {k: v for k, v in scheduler_cfg.items() if k not in ("mode", "warmup_fraction")}
+    settings = {**dataclasses.asdict(SchedulerSettings()), **scheduler_cfg}  # a partial mapping takes the defaults
+    warmup_steps = int(settings["warmup_fraction"] * total_steps)
+    mode = settings["mode"]
+    options = {k: v for k, v in settings.items() if k not in ("mode", "warmup_fraction")}
 
     def factor_for(group: Mapping[str, Any]) -> Callable[[int], float]:
         base = group["lr"]

@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from utils.config import register_resolvers
+from config_schema import register_schema
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
 TOP_LEVEL_CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
@@ -20,7 +20,7 @@ CAPTIONS = [
     "A man in a black jacket, grey trousers and white shoes.",
 ] * 50
 
-register_resolvers()
+register_schema()
 
 
 def compose_config(name: str, overrides: list[str] | None = None) -> DictConfig:
@@ -30,9 +30,9 @@ def compose_config(name: str, overrides: list[str] | None = None) -> DictConfig:
 
 
 def _tiny(tmp_path_factory, name: str, architecture: str) -> Path:
-    from model.checkpoints import TinySiglipSpec, write_tiny_checkpoint
+    from model.checkpoints import TinyCheckpointSpec, write_tiny_checkpoint
 
-    spec = TinySiglipSpec(
+    spec = TinyCheckpointSpec(
         architecture=architecture,
         hidden_size=32,
         intermediate_size=64,
@@ -62,14 +62,14 @@ def tiny_clip_checkpoint(tmp_path_factory) -> Path:
 def demo_root(tmp_path_factory) -> Path:
     """A small embedded dataset plus a tiny checkpoint trained on its captions, as the demo builds them."""
     from data.synthetic import SyntheticSpec, all_captions, generate_vn3k
-    from model.checkpoints import TinySiglipSpec, write_tiny_checkpoint
+    from model.checkpoints import TinyCheckpointSpec, write_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("demo")
     dataset = generate_vn3k(root, SyntheticSpec(num_identities=120, images_per_identity=(2, 3), seed=1))
     write_tiny_checkpoint(
         root / "tiny_siglip",
         all_captions(dataset),
-        TinySiglipSpec(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4),
+        TinyCheckpointSpec(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4),
     )
     return root
 
