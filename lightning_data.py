@@ -22,6 +22,8 @@ from data.splits import hold_out_identities
 from data.subsets import identity_fold
 from data.text import CaptionTokenizer
 from data.transforms import build_eval_transform, build_simclr_transform, build_train_transform
+from model.objective import Objective
+from model.strategies import LossSettings
 from utils.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -231,19 +233,20 @@ def _own_generator(seed: int) -> torch.Generator:
 
 
 def build_datamodule(cfg: DictConfig, stage: str | None = None) -> TBPSDataModule:
-    """Tokenizer (plus a mask token when `loss.MLM`) and a set-up data module for the composed config."""
+    """Tokenizer (plus a mask token when a loss reads masked captions) and a set-up data module for the config."""
     tokenizer = CaptionTokenizer.from_pretrained(
         cfg.tokenizer.pretrained_model_name_or_path,
         cfg.tokenizer.model_max_length,
         return_attention_mask=cfg.tokenizer.use_attention_mask,
     )
-    if cfg.loss.MLM:
+    objective = Objective(LossSettings.from_mapping(cfg.loss), use_sigmoid=cfg.backbone.use_sigmoid)
+    if objective.needs_masked_captions:
         tokenizer.add_mask_token()
     datamodule = TBPSDataModule(
         cfg,
         tokenizer,
-        simclr_views=cfg.loss.SS,
-        mlm_probability=cfg.loss.mlm_probability if cfg.loss.MLM else None,
+        simclr_views=objective.needs_ss_views,
+        mlm_probability=cfg.loss.mlm_probability if objective.needs_masked_captions else None,
     )
     datamodule.setup(stage)
     return datamodule

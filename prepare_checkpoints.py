@@ -100,7 +100,7 @@ def export(checkpoint: Path, out_dir: Path) -> Path:
     tokenizer = CaptionTokenizer.from_pretrained(
         cfg.tokenizer.pretrained_model_name_or_path, cfg.tokenizer.model_max_length
     )
-    if cfg.loss.MLM:
+    if module.objective.needs_masked_captions:
         tokenizer.add_mask_token()
     return export_model(
         module.model,

@@ -1,8 +1,8 @@
 """Time and peak memory of `utils.metrics.rank_metrics` against the full-sort reference (IRRA's `rank` algorithm).
 
-    uv run python bench/eval_metrics.py                                  # every size on the CPU
-    uv run python bench/eval_metrics.py --device cuda --repeats 3
-    uv run python bench/eval_metrics.py --sizes vn3k cuhk --threads 1 --skip-reference-above 2e8
+    uv run python -m bench.eval_metrics                                  # every size on the CPU
+    uv run python -m bench.eval_metrics --device cuda --repeats 3
+    uv run python -m bench.eval_metrics --sizes vn3k cuhk --threads 1 --skip-reference-above 2e8
 
 Sizes are the test splits of VN3K (4,000 captions x 2,000 images), CUHK-PEDES (6,156 x 3,074) and ICFG-PEDES
 (19,848 x 19,848), plus 12,000 x 12,000. Each similarity matrix is seeded and shaped like a trained model's
@@ -36,12 +36,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.reference_rank import reference_rank
+from utils.io import atomic_write_json, atomic_write_text
+from utils.metrics import rank_metrics
 
-from bench.reference_rank import reference_rank  # noqa: E402
-from utils.io import atomic_write_json, atomic_write_text  # noqa: E402
-from utils.metrics import rank_metrics  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 FEATURE_DIM = 64
 # Feature noise around the id centres: gives R1 ~55-75% like published TBPS models on these datasets.
@@ -185,7 +184,7 @@ def run_worker(args: argparse.Namespace) -> dict:
 
 def spawn(method: str, size: str, args: argparse.Namespace) -> dict:
     """Run `run_worker` for (method, size) in a fresh Python process; return its result or an error."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--method", method, "--size", size]
+    command = [sys.executable, "-m", "bench.eval_metrics", "--worker", "--method", method, "--size", size]
     command += ["--device", args.device, "--repeats", str(args.repeats)]
     if args.threads:
         command += ["--threads", str(args.threads)]

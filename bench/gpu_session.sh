@@ -19,15 +19,15 @@ sections="$*"
 wanted() { [ -z "$sections" ] || [[ " $sections " == *" $1 "* ]]; }
 if wanted train_throughput; then
     echo "== train_throughput"
-    timeout 160 python3 bench/train_throughput.py --out "$out" 2>&1 | grep -v -i warn | tail -8
+    timeout 160 python3 -m bench.train_throughput --out "$out" 2>&1 | grep -v -i warn | tail -8
 fi
 if wanted eval_metrics; then
     echo "== eval_metrics"
-    timeout 110 python3 bench/eval_metrics.py --device cuda --out "$out" 2>&1 | tail -12
+    timeout 110 python3 -m bench.eval_metrics --device cuda --out "$out" 2>&1 | tail -12
 fi
 if wanted strategies; then
     echo "== strategies"
-    timeout "${STRATEGIES_TIMEOUT:-260}" python3 bench/strategies.py --jobs 5 --out "$out" --set dataset.num_workers=2 \
+    timeout "${STRATEGIES_TIMEOUT:-260}" python3 -m bench.strategies --jobs 5 --out "$out" --set dataset.num_workers=2 \
         2>&1 | tail -12
 fi
 if [ -n "${OUT:-}" ]; then cp "$out"/*.md "$out"/*.json "$OUT"/ 2>/dev/null; fi

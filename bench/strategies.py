@@ -1,9 +1,8 @@
 """Train every Circle-Loss strategy on the embedded dataset over several seeds; write a mean +- std table.
 
-    uv run python bench/strategies.py                       # 5 strategies x 3 seeds, demo config
-    uv run python bench/strategies.py --epochs 8 --seeds 0  # quicker look
-    uv run python bench/strategies.py --jobs 5 --set dataset.num_workers=2   # parallel runs on a GPU machine
-    uv run python bench/strategies.py --jobs 5 --set dataset.num_workers=2   # parallel runs on a GPU machine
+    uv run python -m bench.strategies                       # 5 strategies x 3 seeds, demo config
+    uv run python -m bench.strategies --epochs 8 --seeds 0  # quicker look
+    uv run python -m bench.strategies --jobs 5 --set dataset.num_workers=2   # parallel runs on a GPU machine
 
 Each run is `trainer.py -cn demo` with the strategy settings of `run_cir_loss.sh` (N-ITC + MVS +
 C-ITC common to all, SimCLR off, circle weight 0.1, m 0.25; gamma 128 for the cross-modal strategies as in the README
@@ -18,11 +17,10 @@ import sys
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from scripts.seed_sweep import mean_std, run_training
+from utils.io import atomic_write_json, atomic_write_text
 
-from scripts.seed_sweep import mean_std, run_training  # noqa: E402
-from utils.io import atomic_write_json, atomic_write_text  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # SimCLR is off: its two extra views per image double the CPU cost of every run (the comparison is the same).
 COMMON = ["loss=cir_msiglip", "loss.SS=false", "loss.circle_loss_weight=0.1", "loss.circle_margin=0.25"]

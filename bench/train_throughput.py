@@ -1,7 +1,7 @@
 """Training throughput and peak memory: TBPSLitModule under Lightning vs a bare PyTorch loop, same model and loss.
 
-    uv run python bench/train_throughput.py          # CUDA: real multilingual architecture, 384x128, bf16, batch 24
-    uv run python bench/train_throughput.py --small  # CPU-sized shapes, fp32 (bf16 is ~30x slower on most CPUs)
+    uv run python -m bench.train_throughput          # CUDA: real multilingual architecture, 384x128, bf16, batch 24
+    uv run python -m bench.train_throughput --small  # CPU-sized shapes, fp32 (bf16 is ~30x slower on most CPUs)
 
 The backbone is `google/siglip-base-patch16-256-multilingual`'s architecture (vocab 250,000, 12+12 layers of width
 768) built from its config with random weights, so no download is needed. Both loops train the original project's
@@ -17,25 +17,22 @@ from __future__ import annotations
 import argparse
 import gc
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import lightning as L
 import torch
+from hydra import compose, initialize_config_dir
+from transformers import SiglipConfig, SiglipModel
+
+from config_schema import register_schema
+from lightning_models import TBPSLitModule
+from model.strategies import StepContext
+from solver.build import build_optimizer
+from utils.io import atomic_write_json, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import lightning as L  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from transformers import SiglipConfig, SiglipModel  # noqa: E402
-
-from lightning_models import TBPSLitModule  # noqa: E402
-from model.strategies import StepContext  # noqa: E402
-from solver.build import build_optimizer  # noqa: E402
-from utils.config import register_resolvers  # noqa: E402
-from utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 MODES = [("LoRA r32", True, "lora"), ("full", False, "full")]
 REAL = dict(text=dict(vocab_size=250000), vision=dict(image_size=256), image=(384, 128), batch=24)
@@ -214,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         help="one mode per process gives each its own CPU peak RSS",
     )
     args = parser.parse_args(argv)
-    register_resolvers()
+    register_schema()
     cuda = torch.cuda.is_available()
     shape = SMALL if args.small or not cuda else REAL
     precision = "bf16-mixed" if cuda else "32-true"

@@ -18,7 +18,7 @@ from model.backbone import image_size_problems, load_backbone, needs_per_call_in
 from model.checkpoints import TinyCheckpointSpec
 from model.lora import LoraSettings, apply_lora
 from model.objective import Objective
-from model.tbps import TBPS, Heads
+from model.tbps import TBPS, HeadSpec
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +79,8 @@ def build_model(
     Raises:
         ValueError: The ID loss is on but `num_classes` is not given.
     """
-    settings = objective.settings
-    if settings.ID and not num_classes:
-        raise ValueError("loss.ID needs the number of training identities (num_classes).")
+    if objective.needs_classifier and not num_classes:
+        raise ValueError("an identity loss (loss.ID) needs the number of training identities (num_classes).")
     config = backbone_cfg if isinstance(backbone_cfg, BackboneSettings) else BackboneSettings.from_mapping(backbone_cfg)
     image_size = tuple(config.image_size)
     backbone = load_backbone(
@@ -94,10 +93,10 @@ def build_model(
     )
     if lora_cfg:
         apply_lora(backbone, LoraSettings.from_mapping(lora_cfg))
-    heads = Heads(
-        simclr=settings.SS,
-        num_classes=num_classes if settings.ID else None,
-        mlm_depth=settings.cmt_depth if settings.MLM else None,
+    heads = HeadSpec(  # what the objective's losses read
+        simclr=objective.needs_ss_views,
+        num_classes=num_classes if objective.needs_classifier else None,
+        mlm_depth=objective.settings.cmt_depth if objective.needs_masked_captions else None,
     )
     model = TBPS(
         backbone,

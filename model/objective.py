@@ -1,7 +1,9 @@
-"""The objective of a training step: the auxiliary terms and the callable that adds them to the strategy's terms.
+"""The objective of a training step: the strategy's terms plus the auxiliary losses of the registry.
 
-Auxiliary terms (SimCLR, C-ITC, R-ITC, ITC, SDM, CMPM, ID, MLM) are switched on by upper-case flags of `LossSettings`
-and added in every strategy (`model.strategies` holds the strategy table).
+An auxiliary loss (`model.objectives.LOSSES`, an entry with a `flag`) is added in every strategy when its flag is on;
+the objective hands its function the inputs the entry names, and derives from them what the model and the data must
+produce (the SimCLR views, the raw embeddings, the identity classifier, the masked captions) and which logit
+parameters receive a gradient.
 """
 
 from __future__ import annotations
@@ -13,76 +15,15 @@ import torch
 from torch import Tensor
 
 from model.features import TrainFeatures
-from model.objectives import (
-    cmpm_loss,
-    cosine_similarity,
-    cyclic_itc_loss,
-    id_loss,
-    identity_mask,
-    itc_loss,
-    mlm_loss,
-    reverse_itc_loss,
-    sdm_loss,
-    simclr_loss,
-)
+from model.objectives import LOSSES, Loss, cosine_similarity, identity_mask
 from model.strategies import LossSettings, StepContext
 
-
-def _t2i(feats: TrainFeatures) -> tuple[Tensor, Tensor]:
-    return cosine_similarity(feats.text_feats, feats.image_feats), identity_mask(feats.pids, feats.pids)
-
-
-def _ss(feats: TrainFeatures, s: LossSettings) -> Tensor:
-    return simclr_loss(feats.ss_feats_a, feats.ss_feats_b, temperature=s.simclr_temperature)
-
-
-def _citc(feats: TrainFeatures, s: LossSettings) -> Tensor:
-    return cyclic_itc_loss(
-        feats.image_feats,
-        feats.text_feats,
-        inmodal_weight=s.citc_inmodal_weight,
-        intermodal_weight=s.citc_intermodal_weight,
-    )
-
-
-def _ritc(feats: TrainFeatures, s: LossSettings) -> Tensor:
-    sim, pos_mask = _t2i(feats)
-    return reverse_itc_loss(sim, pos_mask, logit_scale=feats.logit_scale, eps=s.ritc_eps)
-
-
-def _itc(feats: TrainFeatures, s: LossSettings) -> Tensor:
-    return itc_loss(_t2i(feats)[0], logit_scale=feats.logit_scale)
-
-
-def _sdm(feats: TrainFeatures, s: LossSettings) -> Tensor:
-    sim, pos_mask = _t2i(feats)
-    return sdm_loss(sim, pos_mask, logit_scale=feats.logit_scale)
-
-
-def _cmpm(feats: TrainFeatures, s: LossSettings) -> Tensor:
-    # CMPM projects raw image features onto normalised text features (and back): it needs the unnormalised ones.
-    return cmpm_loss(feats.raw_image_feats, feats.raw_text_feats, feats.pids)
-
-
-def _id(feats: TrainFeatures, s: LossSettings) -> Tensor:
-    return id_loss(feats.id_logits_image, feats.id_logits_text, feats.pids)
-
-
-def _mlm(feats: TrainFeatures, s: LossSettings) -> Tensor:
-    return mlm_loss(feats.mlm_logits, feats.mlm_labels)[0]
-
-
-#: Upper-case flag -> (log key, weight field, unweighted term). Added in every strategy when the flag is on.
-AUXILIARY_TERMS: dict[str, tuple[str, str, Callable[[TrainFeatures, LossSettings], Tensor]]] = {
-    "SS": ("ss_loss", "ss_loss_weight", _ss),
-    "CITC": ("citc_loss", "citc_loss_weight", _citc),
-    "RITC": ("ritc_loss", "ritc_loss_weight", _ritc),
-    "ITC": ("itc_loss", "itc_loss_weight", _itc),
-    "SDM": ("sdm_loss", "sdm_loss_weight", _sdm),
-    "CMPM": ("cmpm_loss", "cmpm_loss_weight", _cmpm),
-    "ID": ("id_loss", "id_loss_weight", _id),
-    "MLM": ("mlm_loss", "mlm_loss_weight", _mlm),
+#: Inputs a loss can name besides the fields of TrainFeatures, computed once per step when some loss asks.
+DERIVED_INPUTS: dict[str, Callable[[TrainFeatures], Tensor]] = {
+    "sim": lambda feats: cosine_similarity(feats.text_feats, feats.image_feats),  # (B_text, B_image)
+    "pos_mask": lambda feats: identity_mask(feats.pids, feats.pids),
 }
+FEATURE_FIELDS = frozenset(field.name for field in dataclasses.fields(TrainFeatures))
 
 
 class Objective:
@@ -95,7 +36,10 @@ class Objective:
         self.settings = settings
         self.use_sigmoid = use_sigmoid
         self._strategy = settings.record.terms
-        self._auxiliary = [entry for flag, entry in AUXILIARY_TERMS.items() if getattr(settings, flag)]
+        self._auxiliary: dict[str, Loss] = {
+            name: loss for name, loss in LOSSES.items() if loss.flag and getattr(settings, loss.flag)
+        }
+        self._inputs = {feature for loss in self._auxiliary.values() for feature in loss.inputs.values()}
 
     @property
     def needs_aug_view(self) -> bool:
@@ -103,23 +47,33 @@ class Objective:
 
     @property
     def needs_ss_views(self) -> bool:
-        return self.settings.SS
+        """Some loss reads the two SimCLR views (and so the SimCLR projection head)."""
+        return bool({"ss_feats_a", "ss_feats_b"} & self._inputs)
 
     @property
     def needs_raw_features(self) -> bool:
-        """Some term reads the unnormalised embeddings (`raw_image_feats`, `raw_text_feats`)."""
-        return self.settings.CMPM
+        """Some loss reads the unnormalised embeddings (`raw_image_feats`, `raw_text_feats`)."""
+        return bool({"raw_image_feats", "raw_text_feats"} & self._inputs)
+
+    @property
+    def needs_classifier(self) -> bool:
+        """Some loss reads identity logits: the model needs a classifier over the training identities."""
+        return bool({"id_logits_image", "id_logits_text"} & self._inputs)
+
+    @property
+    def needs_masked_captions(self) -> bool:
+        """Some loss reads MLM logits: the data masks captions and the model adds its cross-modal MLM head."""
+        return bool({"mlm_logits", "mlm_labels"} & self._inputs)
 
     @property
     def uses_logit_scale(self) -> bool:
-        """Some term reads the learnable temperature (N-ITC, R-ITC, ITC, SDM)."""
-        s = self.settings
-        return s.nitc_term or s.RITC or s.ITC or s.SDM
+        """Some term reads the learnable temperature (N-ITC, or an auxiliary loss naming `logit_scale`)."""
+        return self.settings.nitc_term or "logit_scale" in self._inputs
 
     @property
     def uses_logit_bias(self) -> bool:
-        """Some term reads SigLIP's learnable bias: only the sigmoid N-ITC (it cancels in every softmax)."""
-        return self.settings.nitc_term and self.use_sigmoid
+        """Some term reads SigLIP's learnable bias: the sigmoid N-ITC (it cancels in every softmax)."""
+        return (self.settings.nitc_term and self.use_sigmoid) or "logit_bias" in self._inputs
 
     def describe(self) -> str:
         """The terms this objective trains, with their weights, for the log."""
@@ -129,7 +83,7 @@ class Objective:
             parts.append("N-ITC off (loss.NITC=false)")
         if s.circle_term:
             parts.append(f"Circle weight {s.circle_loss_weight} (m {s.circle_margin}, gamma {s.circle_gamma})")
-        parts += [f"{name} x {getattr(s, weight)}" for name, weight, _ in self._auxiliary]
+        parts += [f"{name}_loss x {getattr(s, loss.weight_key)}" for name, loss in self._auxiliary.items()]
         return "; ".join(parts)
 
     def __call__(self, feats: TrainFeatures, context: StepContext = StepContext()) -> dict[str, Tensor]:
@@ -138,8 +92,13 @@ class Objective:
         feats = _float32(feats)
         with torch.autocast(feats.image_feats.device.type, enabled=False):
             terms = self._strategy(feats, self.settings, context, use_sigmoid=self.use_sigmoid)
-            for name, weight_field, term in self._auxiliary:
-                terms[name] = getattr(self.settings, weight_field) * term(feats, self.settings)
+            derived = {name: compute(feats) for name, compute in DERIVED_INPUTS.items() if name in self._inputs}
+            for name, loss in self._auxiliary.items():
+                arguments = {arg: derived[f] if f in derived else getattr(feats, f) for arg, f in loss.inputs.items()}
+                options = {arg: getattr(self.settings, setting) for arg, (setting, _) in loss.options.items()}
+                value = loss.fn(**arguments, **options)
+                value = value[0] if isinstance(value, tuple) else value
+                terms[f"{name}_loss"] = getattr(self.settings, loss.weight_key) * value
         return terms
 
 
@@ -151,3 +110,10 @@ def _float32(feats: TrainFeatures) -> TrainFeatures:
         if isinstance(value := getattr(feats, field.name), Tensor) and value.is_floating_point()
     }
     return dataclasses.replace(feats, **changes)
+
+
+def unknown_inputs(losses: dict[str, Loss] = LOSSES) -> list[str]:
+    """Inputs named by registry entries that no feature provides (a typo in an entry); empty when all resolve."""
+    known = FEATURE_FIELDS | set(DERIVED_INPUTS)
+    named = [(name, feature) for name, loss in losses.items() for feature in loss.inputs.values()]
+    return [f"{name}: {feature}" for name, feature in named if feature not in known]

@@ -28,6 +28,9 @@ from torch import Tensor
 
 from model.features import TrainFeatures
 from model.objectives import (
+    CIRCLE_REDUCTIONS,
+    INTRINSIC_NORMALIZATIONS,
+    LOSSES,
     cosine_similarity,
     cross_modal_circle_loss,
     identity_mask,
@@ -38,174 +41,11 @@ from model.objectives import (
 )
 
 
-@dataclass
-class LossSettings:
-    """The `loss` config group; field names are the original project's, so its YAML files and commands keep working."""
-
-    strategy: str = "baseline"
-    # N-ITC: image-text matching with person-id targets (sigmoid for SigLIP, softmax for CLIP backbones). Strategies
-    # that replace N-ITC (intrinsic, circle_only) do not read this flag.
-    NITC: bool = True
-    nitc_loss_weight: float = 1.0
-    MVS: bool = True  # multi-view supervision: cross-modal terms are also computed on a second augmented view
-    nitc_mvs_mode: str = "augmented"  # "seed": N-ITC's second view is the original again (docs/seed_differences.md)
-    softlabel_ratio: float = 0.0  # alpha of TBPS-CLIP soft targets, ramped from 0 over the first epoch
-    softlabel_form: str = "probability"  # sigmoid soft targets mixed as probabilities; "seed": mixed with +-1 signs
-    # Circle Loss (arXiv 2002.10857). CIR switches the auxiliary Circle term of `auxiliary` / `auxiliary_cross`;
-    # null follows the strategy, and an explicit value that contradicts it is refused.
-    CIR: bool | None = None
-    circle_loss_weight: float = 0.1
-    circle_margin: float = 0.25
-    circle_gamma: float = 64.0
-    circle_reduction: str = "global"  # "global": one batch-pooled loss; "per_anchor": the paper's per-anchor mean
-    circle_start_epoch: int = 0  # curriculum (TBPS-mSigLIP-CLoRA): weight 0 before this epoch,
-    circle_ramp_epochs: int = 0  # then a linear ramp to circle_loss_weight over this many epochs
-    intrinsic_normalization: str = "row"  # NC-ITC: "row" (1/B like N-ITC) or "pairs" (1/B^2)
-    # Auxiliary terms.
-    SS: bool = False  # SimCLR on two strong views of each image
-    ss_loss_weight: float = 0.4
-    simclr_temperature: float = 0.1
-    CITC: bool = False
-    citc_loss_weight: float = 0.1
-    citc_inmodal_weight: float = 0.25
-    citc_intermodal_weight: float = 0.25
-    RITC: bool = False
-    ritc_loss_weight: float = 1.0
-    ritc_eps: float = 0.01
-    ITC: bool = False
-    itc_loss_weight: float = 1.0
-    SDM: bool = False
-    sdm_loss_weight: float = 1.0
-    CMPM: bool = False
-    cmpm_loss_weight: float = 1.0
-    ID: bool = False
-    id_loss_weight: float = 1.0
-    MLM: bool = False
-    mlm_loss_weight: float = 1.0
-    mlm_probability: float = 0.15
-    cmt_depth: int = 4  # layers of the MLM cross-modal transformer
-    # Distributed training: every contrastive / Circle term sees the features of all ranks (TBPS-CLIP, OpenCLIP).
-    gather_features: bool = False
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> LossSettings:
-        """Build from a config mapping; unknown keys raise ValueError listing the valid ones."""
-        valid = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - valid)
-        if unknown:
-            raise ValueError(f"Unknown loss setting(s) {unknown}; valid keys: {sorted(valid)}.")
-        return cls(**dict(values))
-
-    @property
-    def record(self) -> Strategy:
-        return STRATEGIES[self.strategy]
-
-    @property
-    def circle_term(self) -> bool:
-        """Whether the strategy's auxiliary Circle term is trained (`CIR` null follows the strategy)."""
-        return self.record.auxiliary_circle and self.CIR is not False
-
-    @property
-    def nitc_term(self) -> bool:
-        """Whether plain N-ITC is trained (only strategies built on N-ITC read the `NITC` flag)."""
-        return self.record.builds_on_nitc and self.NITC
-
-    def problems(self, *, use_sigmoid: bool = True) -> list[str]:
-        """Every inconsistency in the settings (empty when valid)."""
-        if self.strategy not in STRATEGIES:
-            return [f"loss.strategy={self.strategy!r} is unknown; valid strategies: {list(STRATEGIES)}."]
-        issues = self._strategy_problems(use_sigmoid)
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if field.name.endswith("_weight") and value < 0:
-                issues.append(f"loss.{field.name} must be >= 0, got {value}.")
-        for key, valid in CHOICES.items():
-            if getattr(self, key) not in valid:
-                issues.append(f"loss.{key}={getattr(self, key)!r} is unknown; valid: {list(valid)}.")
-        if not 0 <= self.softlabel_ratio <= 1:
-            issues.append(f"loss.softlabel_ratio must be in [0, 1], got {self.softlabel_ratio}.")
-        if not 0 < self.mlm_probability < 1:
-            issues.append(f"loss.mlm_probability must be in (0, 1), got {self.mlm_probability}.")
-        for key in ("simclr_temperature", "circle_gamma"):
-            if getattr(self, key) <= 0:
-                issues.append(f"loss.{key} must be > 0, got {getattr(self, key)}.")
-        if self.circle_start_epoch < 0 or self.circle_ramp_epochs < 0:
-            issues.append("loss.circle_start_epoch and loss.circle_ramp_epochs must be >= 0.")
-        return issues
-
-    def _strategy_problems(self, use_sigmoid: bool) -> list[str]:
-        """Flags and values that the chosen strategy would silently ignore or cancel."""
-        name, record, issues = self.strategy, self.record, []
-        if record.needs_sigmoid and not use_sigmoid:
-            issues.append(f"loss.strategy={name} re-weights the sigmoid N-ITC: it needs a SigLIP backbone.")
-        if self.CIR is True and not record.auxiliary_circle:
-            with_circle = [n for n, r in STRATEGIES.items() if r.auxiliary_circle]
-            issues.append(
-                f"loss.CIR=true asks for an auxiliary Circle term, which loss.strategy={name} does not have: choose "
-                f"loss.strategy from {with_circle}, or drop loss.CIR (null follows the strategy)."
-            )
-        if record.auxiliary_circle and (self.CIR is False or self.circle_loss_weight == 0):
-            cancel = "loss.CIR=false" if self.CIR is False else "loss.circle_loss_weight=0"
-            issues.append(
-                f"loss.strategy={name} is defined by its Circle term, which {cancel} removes: use "
-                "loss.strategy=baseline for N-ITC alone, or drop the override."
-            )
-        if self.nitc_loss_weight == 0 and (not record.builds_on_nitc or self.nitc_term):
-            main = "N-ITC" if record.builds_on_nitc else record.summary
-            issues.append(
-                f"loss.nitc_loss_weight=0 removes the main term of loss.strategy={name} ({main}); set it > 0, or "
-                "loss.NITC=false to train without N-ITC."
-            )
-        if not record.auxiliary_circle and (self.circle_start_epoch or self.circle_ramp_epochs):
-            issues.append(
-                f"loss.circle_start_epoch/circle_ramp_epochs schedule the auxiliary Circle term, which "
-                f"loss.strategy={name} does not have; set them to 0."
-            )
-        if self.softlabel_ratio > 0 and not self.nitc_term:
-            issues.append(
-                f"loss.softlabel_ratio={self.softlabel_ratio} softens N-ITC's targets, but loss.strategy={name} with "
-                f"loss.NITC={self.NITC} trains no N-ITC; set loss.softlabel_ratio=0."
-            )
-        matching = ("ITC", "SDM", "CMPM", "RITC")
-        if record.builds_on_nitc and not self.nitc_term and not any(getattr(self, flag) for flag in matching):
-            issues.append(
-                f"loss.strategy={name} with loss.NITC=false trains no image-text matching loss; enable loss.NITC "
-                f"or one of {['loss.' + flag for flag in matching]}."
-            )
-        return issues
-
-    def circle_weight(self, epoch: float) -> float:
-        """Circle weight at a (fractional) epoch under the curriculum: 0, then a linear ramp, then constant."""
-        completed = int(epoch)
-        if completed < self.circle_start_epoch:
-            return 0.0
-        if self.circle_ramp_epochs == 0:
-            return self.circle_loss_weight
-        ramp = min((completed - self.circle_start_epoch + 1) / self.circle_ramp_epochs, 1.0)
-        return self.circle_loss_weight * ramp
-
-    def softlabel_alpha(self, epoch: float) -> float:
-        """Soft-target mixing ratio, ramped linearly over the first epoch (TBPS-CLIP)."""
-        return self.softlabel_ratio * min(epoch, 1.0)
-
-
-#: Valid values of the loss settings that name a variant.
-CHOICES: dict[str, tuple[str, ...]] = {
-    "nitc_mvs_mode": ("augmented", "seed"),
-    "softlabel_form": ("probability", "seed"),
-    "circle_reduction": ("global", "per_anchor"),
-    "intrinsic_normalization": ("row", "pairs"),
-}
-
-
 @dataclass(frozen=True)
 class StepContext:
     """Where training is: `epoch` = the current epoch plus the fraction of its batches already trained."""
 
     epoch: float = 0.0
-
-
-Term = Callable[[TrainFeatures, LossSettings, StepContext], dict[str, Tensor]]
 
 
 def _views(feats: TrainFeatures, settings: LossSettings) -> list[Tensor]:
@@ -341,6 +181,7 @@ class Strategy:
     summary: str
 
 
+#: Every `loss.strategy`; the first is the default.
 STRATEGIES: dict[str, Strategy] = {
     "baseline": Strategy(_with_nitc(None), True, False, False, "N-ITC"),
     "auxiliary": Strategy(_with_nitc(_in_modal_circle), True, True, False, "N-ITC + in-modal Circle"),
@@ -348,3 +189,158 @@ STRATEGIES: dict[str, Strategy] = {
     "circle_only": Strategy(_circle_only, False, False, False, "cross-modal Circle (replaces N-ITC)"),
     "auxiliary_cross": Strategy(_with_nitc(_cross_circle), True, True, False, "N-ITC + cross-modal Circle"),
 }
+#: The strategy training N-ITC alone, proposed when a setting would cancel another strategy's defining term.
+NITC_ONLY = next(name for name, record in STRATEGIES.items() if record.builds_on_nitc and not record.auxiliary_circle)
+
+
+#: Valid values of the loss settings that name a variant.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "nitc_mvs_mode": ("augmented", "seed"),
+    "softlabel_form": ("probability", "seed"),
+    "circle_reduction": tuple(CIRCLE_REDUCTIONS),
+    "intrinsic_normalization": tuple(INTRINSIC_NORMALIZATIONS),
+}
+
+
+@dataclass
+class _StrategySettings:
+    """The settings of the strategies; `LossSettings` adds those of the registry's auxiliary losses."""
+
+    strategy: str = next(iter(STRATEGIES))  # the table's first entry: N-ITC alone
+    # N-ITC: image-text matching with person-id targets (sigmoid for SigLIP, softmax for CLIP backbones). Strategies
+    # that replace N-ITC (intrinsic, circle_only) do not read this flag.
+    NITC: bool = True
+    nitc_loss_weight: float = 1.0
+    MVS: bool = True  # multi-view supervision: cross-modal terms are also computed on a second augmented view
+    nitc_mvs_mode: str = "augmented"  # "seed": N-ITC's second view is the original again (docs/seed_differences.md)
+    softlabel_ratio: float = 0.0  # alpha of TBPS-CLIP soft targets, ramped from 0 over the first epoch
+    softlabel_form: str = "probability"  # sigmoid soft targets mixed as probabilities; "seed": mixed with +-1 signs
+    # Circle Loss (arXiv 2002.10857). CIR switches the auxiliary Circle term of `auxiliary` / `auxiliary_cross`;
+    # null follows the strategy, and an explicit value that contradicts it is refused.
+    CIR: bool | None = None
+    circle_loss_weight: float = 0.1
+    circle_margin: float = 0.25
+    circle_gamma: float = 64.0
+    circle_reduction: str = "global"  # "global": one batch-pooled loss; "per_anchor": the paper's per-anchor mean
+    circle_start_epoch: int = 0  # curriculum (TBPS-mSigLIP-CLoRA): weight 0 before this epoch,
+    circle_ramp_epochs: int = 0  # then a linear ramp to circle_loss_weight over this many epochs
+    intrinsic_normalization: str = "row"  # NC-ITC: "row" (1/B like N-ITC) or "pairs" (1/B^2)
+    # Read when an MLM loss is on: the data masks this fraction of caption tokens; the head has cmt_depth layers.
+    mlm_probability: float = 0.15
+    cmt_depth: int = 4  # layers of the MLM cross-modal transformer
+    # Distributed training: every contrastive / Circle term sees the features of all ranks (TBPS-CLIP, OpenCLIP).
+    gather_features: bool = False
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> _StrategySettings:
+        """Build from a config mapping; unknown keys raise ValueError listing the valid ones."""
+        valid = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - valid)
+        if unknown:
+            raise ValueError(f"Unknown loss setting(s) {unknown}; valid keys: {sorted(valid)}.")
+        return cls(**dict(values))
+
+    @property
+    def record(self) -> Strategy:
+        return STRATEGIES[self.strategy]
+
+    @property
+    def circle_term(self) -> bool:
+        """Whether the strategy's auxiliary Circle term is trained (`CIR` null follows the strategy)."""
+        return self.record.auxiliary_circle and self.CIR is not False
+
+    @property
+    def nitc_term(self) -> bool:
+        """Whether plain N-ITC is trained (only strategies built on N-ITC read the `NITC` flag)."""
+        return self.record.builds_on_nitc and self.NITC
+
+    def problems(self, *, use_sigmoid: bool = True) -> list[str]:
+        """Every inconsistency in the settings (empty when valid)."""
+        if self.strategy not in STRATEGIES:
+            return [f"loss.strategy={self.strategy!r} is unknown; valid strategies: {list(STRATEGIES)}."]
+        issues = self._strategy_problems(use_sigmoid)
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name.endswith("_weight") and value < 0:
+                issues.append(f"loss.{field.name} must be >= 0, got {value}.")
+        for key, valid in CHOICES.items():
+            if getattr(self, key) not in valid:
+                issues.append(f"loss.{key}={getattr(self, key)!r} is unknown; valid: {list(valid)}.")
+        if not 0 <= self.softlabel_ratio <= 1:
+            issues.append(f"loss.softlabel_ratio must be in [0, 1], got {self.softlabel_ratio}.")
+        if not 0 < self.mlm_probability < 1:
+            issues.append(f"loss.mlm_probability must be in (0, 1), got {self.mlm_probability}.")
+        for key in ("simclr_temperature", "circle_gamma"):
+            if getattr(self, key) <= 0:
+                issues.append(f"loss.{key} must be > 0, got {getattr(self, key)}.")
+        if self.circle_start_epoch < 0 or self.circle_ramp_epochs < 0:
+            issues.append("loss.circle_start_epoch and loss.circle_ramp_epochs must be >= 0.")
+        return issues
+
+    def _strategy_problems(self, use_sigmoid: bool) -> list[str]:
+        """Flags and values that the chosen strategy would silently ignore or cancel."""
+        name, record, issues = self.strategy, self.record, []
+        if record.needs_sigmoid and not use_sigmoid:
+            issues.append(f"loss.strategy={name} re-weights the sigmoid N-ITC: it needs a SigLIP backbone.")
+        if self.CIR is True and not record.auxiliary_circle:
+            with_circle = [n for n, r in STRATEGIES.items() if r.auxiliary_circle]
+            issues.append(
+                f"loss.CIR=true asks for an auxiliary Circle term, which loss.strategy={name} does not have: choose "
+                f"loss.strategy from {with_circle}, or drop loss.CIR (null follows the strategy)."
+            )
+        if record.auxiliary_circle and (self.CIR is False or self.circle_loss_weight == 0):
+            cancel = "loss.CIR=false" if self.CIR is False else "loss.circle_loss_weight=0"
+            issues.append(
+                f"loss.strategy={name} is defined by its Circle term, which {cancel} removes: use "
+                f"loss.strategy={NITC_ONLY} for N-ITC alone, or drop the override."
+            )
+        if self.nitc_loss_weight == 0 and (not record.builds_on_nitc or self.nitc_term):
+            main = "N-ITC" if record.builds_on_nitc else record.summary
+            issues.append(
+                f"loss.nitc_loss_weight=0 removes the main term of loss.strategy={name} ({main}); set it > 0, or "
+                "loss.NITC=false to train without N-ITC."
+            )
+        if not record.auxiliary_circle and (self.circle_start_epoch or self.circle_ramp_epochs):
+            issues.append(
+                f"loss.circle_start_epoch/circle_ramp_epochs schedule the auxiliary Circle term, which "
+                f"loss.strategy={name} does not have; set them to 0."
+            )
+        if self.softlabel_ratio > 0 and not self.nitc_term:
+            issues.append(
+                f"loss.softlabel_ratio={self.softlabel_ratio} softens N-ITC's targets, but loss.strategy={name} with "
+                f"loss.NITC={self.NITC} trains no N-ITC; set loss.softlabel_ratio=0."
+            )
+        matching = [loss.flag for loss in LOSSES.values() if loss.flag and loss.matching]
+        if record.builds_on_nitc and not self.nitc_term and not any(getattr(self, flag) for flag in matching):
+            issues.append(
+                f"loss.strategy={name} with loss.NITC=false trains no image-text matching loss; enable loss.NITC "
+                f"or one of {['loss.' + flag for flag in matching]}."
+            )
+        return issues
+
+    def circle_weight(self, epoch: float) -> float:
+        """Circle weight at a (fractional) epoch under the curriculum: 0, then a linear ramp, then constant."""
+        completed = int(epoch)
+        if completed < self.circle_start_epoch:
+            return 0.0
+        if self.circle_ramp_epochs == 0:
+            return self.circle_loss_weight
+        ramp = min((completed - self.circle_start_epoch + 1) / self.circle_ramp_epochs, 1.0)
+        return self.circle_loss_weight * ramp
+
+    def softlabel_alpha(self, epoch: float) -> float:
+        """Soft-target mixing ratio, ramped linearly over the first epoch (TBPS-CLIP)."""
+        return self.softlabel_ratio * min(epoch, 1.0)
+
+
+LossSettings = dataclasses.make_dataclass(
+    "LossSettings",
+    [setting for loss in LOSSES.values() for setting in loss.settings()],
+    bases=(_StrategySettings,),
+    namespace={
+        "__doc__": "The `loss` config group: the strategy's settings, then each auxiliary loss's flag, weight and "
+        "options (from `model.objectives.LOSSES`). Field names are the original project's, so its YAML files "
+        "and commands keep working."
+    },
+)
+LossSettings.__module__ = __name__

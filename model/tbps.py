@@ -28,7 +28,7 @@ def pooled(output) -> Tensor:
 
 
 @dataclass(frozen=True)
-class Heads:
+class HeadSpec:
     """Optional heads: SimCLR projection, identity classifier (`num_classes`), MLM cross-former (`mlm_depth`)."""
 
     simclr: bool = False
@@ -42,7 +42,7 @@ class TBPS(nn.Module):
     def __init__(
         self,
         backbone: PreTrainedModel,
-        heads: Heads = Heads(),
+        heads: HeadSpec = HeadSpec(),
         *,
         freeze_vision: bool = False,
         freeze_text: bool = False,

@@ -1,7 +1,7 @@
 """Run one configuration over several seeds and report mean +- std (how TBPS results should be reported).
 
-    uv run python scripts/seed_sweep.py --config cir_msiglip --seeds 2300 2307 2400 -- lora=cir
-    uv run python scripts/seed_sweep.py --config demo --seeds 0 1 2 -- trainer.max_epochs=10
+    uv run python -m scripts.seed_sweep --config cir_msiglip --seeds 2300 2307 2400 -- lora=cir
+    uv run python -m scripts.seed_sweep --config demo --seeds 0 1 2 -- trainer.max_epochs=10
 
 Each seed is one `trainer.py` run (its own Hydra folder under --out); the table covers the test split of the checkpoint
 selected on validation, and the last epoch. Writes `<out>/seed_sweep.md` and `<out>/seed_sweep.json`.
@@ -18,10 +18,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from utils.io import atomic_write_json, atomic_write_text
 
-from utils.io import atomic_write_json, atomic_write_text  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 COLUMNS = [("t2i", "R1"), ("t2i", "R5"), ("t2i", "R10"), ("t2i", "mAP"), ("t2i", "mINP"), ("i2t", "R1"), ("i2t", "mAP")]
 

@@ -8,7 +8,7 @@ from transformers import AutoModel, AutoTokenizer, SiglipModel
 
 from data.text import CaptionTokenizer, normalize_caption
 from model.backbone import CheckpointError, load_backbone
-from model.tbps import TBPS, Heads
+from model.tbps import TBPS, HeadSpec
 
 EXPECTED_FILES = {
     "config.json",
@@ -79,7 +79,7 @@ def test_captions_are_right_padded_so_the_pooled_position_is_end_of_sentence(tin
 
 
 def test_tbps_embeddings_are_normalised_and_forward_encodes_views(tiny_checkpoint):
-    model = TBPS(load_backbone(tiny_checkpoint, image_size=(32, 16)), Heads(simclr=True))
+    model = TBPS(load_backbone(tiny_checkpoint, image_size=(32, 16)), HeadSpec(simclr=True))
     batch = {
         "images": torch.randn(4, 3, 32, 16),
         "aug_images": torch.randn(4, 3, 32, 16),

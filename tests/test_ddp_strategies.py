@@ -70,11 +70,11 @@ def _batch(vocab: int, seed: int, settings: LossSettings) -> dict[str, torch.Ten
 
 def _build(checkpoint: str, settings: LossSettings, *, freeze_unused: bool):
     from model.backbone import load_backbone, needs_per_call_interpolation
-    from model.tbps import TBPS, Heads
+    from model.tbps import TBPS, HeadSpec
 
     torch.manual_seed(0)  # the same initial heads on every rank
     backbone = load_backbone(Path(checkpoint), image_size=(32, 16))
-    heads = Heads(
+    heads = HeadSpec(
         simclr=settings.SS,
         num_classes=max(PIDS) + 1 if settings.ID else None,
         mlm_depth=settings.cmt_depth if settings.MLM else None,

@@ -12,7 +12,7 @@ from torch import nn
 
 from model.backbone import load_backbone
 from model.lora import LoraSettings, apply_lora, has_lora, parameter_counts
-from model.tbps import TBPS, Heads
+from model.tbps import TBPS, HeadSpec
 
 LORA_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "config" / "lora").glob("*.yaml"))
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -41,7 +41,7 @@ def _adapter_parameters(backbone: nn.Module) -> dict[str, nn.Parameter]:
 
 @pytest.mark.parametrize("train_logit_params", [True, False])
 def test_only_adapters_and_logit_params_train_and_heads_stay_trainable(tiny_checkpoint, train_logit_params):
-    model = TBPS(load_backbone(tiny_checkpoint), Heads(simclr=True))
+    model = TBPS(load_backbone(tiny_checkpoint), HeadSpec(simclr=True))
     backbone = model.backbone
     vision = backbone.vision_model
     returned = apply_lora(backbone, LoraSettings(r=4, train_logit_params=train_logit_params))

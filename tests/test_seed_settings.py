@@ -37,7 +37,7 @@ from model.features import TrainFeatures
 from model.objective import Objective
 from model.objectives import cmpm_loss
 from model.strategies import LossSettings, StepContext
-from model.tbps import TBPS, Heads
+from model.tbps import TBPS, HeadSpec
 from tests.conftest import compose_config, demo_overrides
 from utils.config import ConfigError
 
@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _tiny_model(checkpoint: Path) -> TBPS:
     backbone = load_backbone(checkpoint, image_size=(32, 16))
-    return TBPS(backbone, Heads(), interpolate_pos_encoding=needs_per_call_interpolation(backbone, (32, 16)))
+    return TBPS(backbone, HeadSpec(), interpolate_pos_encoding=needs_per_call_interpolation(backbone, (32, 16)))
 
 
 def _tiny_batch(model: TBPS, batch: int = 6) -> dict[str, torch.Tensor]:

@@ -101,10 +101,10 @@ SEED_TBPS_CLIP_GROUPS = {
 
 def _tbps_with_every_head(checkpoint):
     from model.backbone import load_backbone
-    from model.tbps import TBPS, Heads
+    from model.tbps import TBPS, HeadSpec
 
     backbone = load_backbone(checkpoint, image_size=(32, 16))
-    return TBPS(backbone, Heads(simclr=True, num_classes=4, mlm_depth=1))
+    return TBPS(backbone, HeadSpec(simclr=True, num_classes=4, mlm_depth=1))
 
 
 def _group_of(optimizer, parameter):

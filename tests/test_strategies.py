@@ -10,10 +10,10 @@ from data.mlm import mask_tokens
 from model.backbone import load_backbone
 from model.build import build_model
 from model.features import TrainFeatures
-from model.objective import AUXILIARY_TERMS, Objective
-from model.objectives import cosine_similarity, identity_mask, sigmoid_nitc_loss
+from model.objective import Objective, unknown_inputs
+from model.objectives import LOSSES, cosine_similarity, identity_mask, sigmoid_nitc_loss
 from model.strategies import STRATEGIES, LossSettings, StepContext
-from model.tbps import TBPS, Heads
+from model.tbps import TBPS, HeadSpec
 
 SEED_STRATEGY_TERMS = {
     "baseline": {"nitc_loss"},
@@ -77,10 +77,27 @@ def test_strategy_table_matches_the_seed():
     assert set(STRATEGIES) == set(SEED_STRATEGY_TERMS)
 
 
-@pytest.mark.parametrize("flag", sorted(AUXILIARY_TERMS))
+AUXILIARY = {loss.flag: f"{name}_loss" for name, loss in LOSSES.items() if loss.flag}
+
+
+def test_the_registry_holds_the_original_auxiliary_terms():
+    assert AUXILIARY == {
+        "SS": "ss_loss",
+        "CITC": "citc_loss",
+        "RITC": "ritc_loss",
+        "ITC": "itc_loss",
+        "SDM": "sdm_loss",
+        "CMPM": "cmpm_loss",
+        "ID": "id_loss",
+        "MLM": "mlm_loss",
+    }
+    assert unknown_inputs() == []
+
+
+@pytest.mark.parametrize("flag", sorted(AUXILIARY))
 def test_every_auxiliary_term_trains_a_step(tiny_checkpoint, flag):
     terms = _train_step(tiny_checkpoint, LossSettings(**{flag: True}))
-    assert AUXILIARY_TERMS[flag][0] in terms and "nitc_loss" in terms
+    assert AUXILIARY[flag] in terms and "nitc_loss" in terms
 
 
 def test_softmax_backbone_trains_every_strategy_it_supports(tiny_clip_checkpoint):
@@ -160,7 +177,7 @@ def test_every_term_is_finite_float32_under_autocast_with_gamma_256(tiny_checkpo
         CMPM=True,
     )
     backbone = load_backbone(tiny_checkpoint, image_size=(32, 16))
-    model = TBPS(backbone, Heads(simclr=True))
+    model = TBPS(backbone, HeadSpec(simclr=True))
     objective = Objective(settings)
     with torch.autocast("cpu", dtype=dtype):
         feats = model(

@@ -43,7 +43,9 @@ def all_gather_with_grad(tensor: Tensor) -> Tensor:
         return tensor
     with warnings.catch_warnings():
         # torch marks this autograd collective deprecated, but its replacement is private (_functional_collectives).
-        warnings.simplefilter("ignore", FutureWarning)
+        warnings.filterwarnings(
+            "ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated", category=FutureWarning
+        )
         return torch.cat(dist_fn.all_gather(tensor), dim=0)
 
 

@@ -90,13 +90,13 @@ def _per_anchor_circle(sim: Tensor, pos_mask: Tensor, neg_mask: Tensor, *, margi
     return row_losses.masked_fill(~valid, 0).sum() / valid.sum().clamp_min(1)
 
 
-_REDUCTIONS: dict[str, Callable[..., Tensor]] = {"global": _global_circle, "per_anchor": _per_anchor_circle}
+CIRCLE_REDUCTIONS: dict[str, Callable[..., Tensor]] = {"global": _global_circle, "per_anchor": _per_anchor_circle}
 
 
 def _reduction_fn(reduction: str) -> Callable[..., Tensor]:
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"Unknown Circle Loss reduction {reduction!r}; choose one of {sorted(_REDUCTIONS)}.")
-    return _REDUCTIONS[reduction]
+    if reduction not in CIRCLE_REDUCTIONS:
+        raise ValueError(f"Unknown Circle Loss reduction {reduction!r}; choose one of {sorted(CIRCLE_REDUCTIONS)}.")
+    return CIRCLE_REDUCTIONS[reduction]
 
 
 def in_modal_circle_loss(
@@ -164,7 +164,7 @@ def cross_modal_circle_loss(
     return (image_to_text + text_to_image) / 2
 
 
-_NORMALIZATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+INTRINSIC_NORMALIZATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "row": lambda pair_losses: pair_losses.sum(dim=1).mean(),
     "pairs": lambda pair_losses: pair_losses.mean(),
 }
@@ -200,11 +200,11 @@ def intrinsic_nitc_loss(
     Shapes:
         sim: (B_t, B_i), pos_mask: (B_t, B_i) bool -> () float32
     """
-    if normalization not in _NORMALIZATIONS:
-        choices = sorted(_NORMALIZATIONS)
+    if normalization not in INTRINSIC_NORMALIZATIONS:
+        choices = sorted(INTRINSIC_NORMALIZATIONS)
         raise ValueError(f"Unknown intrinsic N-ITC normalization {normalization!r}; choose one of {choices}.")
     logit_p, logit_n = circle_logits(sim, margin=margin, gamma=gamma)
     # circle_logits' logit_p is a loss-side logit (high when s_p is low); the BCE logit of a positive is its negative.
     match_logits = torch.where(pos_mask, -logit_p, logit_n)
     pair_losses = F.binary_cross_entropy_with_logits(match_logits, pos_mask.float(), reduction="none")
-    return _NORMALIZATIONS[normalization](pair_losses)
+    return INTRINSIC_NORMALIZATIONS[normalization](pair_losses)
