@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from data.settings import AugSettings, DatasetSettings, TokenizerSettings
 from model.build import BackboneSettings
 from model.lora import LoraSettings
-from model.strategies import LossSettings
+from model.strategies import LossConfig
 from solver.build import OptimizerSettings
 from solver.lr_scheduler import SchedulerSettings
 from utils.config import ConfigError, register_resolvers
@@ -121,7 +121,7 @@ class TBPSConfig:
     dataset: DatasetSettings = field(default_factory=DatasetSettings)
     backbone: BackboneSettings = field(default_factory=BackboneSettings)
     tokenizer: TokenizerSettings = field(default_factory=TokenizerSettings)
-    loss: LossSettings = field(default_factory=LossSettings)
+    loss: LossConfig = field(default_factory=LossConfig)
     aug: AugSettings = field(default_factory=AugSettings)
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)

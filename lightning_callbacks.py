@@ -1,5 +1,6 @@
 """What a training run adds to `lightning.Trainer`: checkpoint writing and selection, the logger, the resume hint,
-early stopping, and the evaluation limits that cut queries but never the gallery."""
+early stopping, and the evaluation limits that cut queries but never the gallery.
+"""
 
 from __future__ import annotations
 
@@ -120,3 +121,13 @@ def training_callbacks(cfg: DictConfig, checkpoint_dir: Path) -> tuple[ModelChec
     if stopping:
         callbacks.append(EarlyStopping(monitor="val_score", mode="max", **stopping))
     return best, callbacks
+
+
+def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """Keyword arguments of lightning.Trainer: the `trainer` group's set values, data sharding left to the data module.
+
+    Lightning's own distributed sampler would split identity batches across ranks and pad evaluation sets with
+    repeated items; the data module shards both correctly itself.
+    """
+    settings = OmegaConf.to_container(cfg.trainer, resolve=True)
+    return {**{k: v for k, v in settings.items() if v is not None}, "use_distributed_sampler": False}

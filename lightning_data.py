@@ -47,12 +47,11 @@ class TBPSDataModule(L.LightningDataModule):
         simclr_views: bool = False,
         mlm_probability: float | None = None,
     ):
-        """
-        Args:
-            cfg: The composed config.
-            tokenizer: Caption tokenizer (with a mask token when `mlm_probability` is set).
-            simclr_views: Also produce the two SimCLR views of each training image.
-            mlm_probability: Also produce masked captions for MLM, masking this fraction of tokens.
+        """Args:
+        cfg: The composed config.
+        tokenizer: Caption tokenizer (with a mask token when `mlm_probability` is set).
+        simclr_views: Also produce the two SimCLR views of each training image.
+        mlm_probability: Also produce masked captions for MLM, masking this fraction of tokens.
         """
         super().__init__()
         self.cfg = cfg
@@ -220,7 +219,8 @@ class TBPSDataModule(L.LightningDataModule):
 
 def _limited(total: int, limit: int | float, batch: int, world: int) -> int:
     """How many of `total` queries a trainer limit keeps: `limit` global batches of `batch`, or that fraction of them
-    (Lightning's reading of limit_*_batches), never fewer than one per process."""
+    (Lightning's reading of limit_*_batches), never fewer than one per process.
+    """
     kept = limit * batch if isinstance(limit, int) else int(limit * total)
     return max(min(kept, total), min(world, total))
 
@@ -228,7 +228,8 @@ def _limited(total: int, limit: int | float, batch: int, world: int) -> int:
 def _own_generator(seed: int) -> torch.Generator:
     """A DataLoader draws its workers' base seed when an iterator starts (persistent workers: once, otherwise every
     epoch). From its own generator, that draw leaves the global random stream alone, which dropout uses and
-    checkpoints restore: a resumed run then continues that stream exactly as the uninterrupted run did."""
+    checkpoints restore: a resumed run then continues that stream exactly as the uninterrupted run did.
+    """
     return torch.Generator().manual_seed(seed)
 
 

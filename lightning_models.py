@@ -79,12 +79,11 @@ class TBPSLitModule(L.LightningModule):
     def __init__(
         self, cfg: DictConfig | dict[str, Any], *, num_classes: int | None = None, text_vocab_size: int | None = None
     ):
-        """
-        Args:
-            cfg: The composed config (stored resolved, so a checkpoint rebuilds the module without Hydra; on loading,
-                keys added to the schema since take their defaults).
-            num_classes: Training identities, for the ID loss's classifier.
-            text_vocab_size: Tokenizer size when it exceeds the checkpoint's (MLM adds a mask token).
+        """Args:
+        cfg: The composed config (stored resolved, so a checkpoint rebuilds the module without Hydra; on loading,
+            keys added to the schema since take their defaults).
+        num_classes: Training identities, for the ID loss's classifier.
+        text_vocab_size: Tokenizer size when it exceeds the checkpoint's (MLM adds a mask token).
         """
         super().__init__()
         cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
@@ -262,7 +261,8 @@ class TBPSLitModule(L.LightningModule):
 
     def _save_pictures(self, stage: str, sim_t2i: Tensor, text_pids: Tensor, image_pids: Tensor) -> None:
         """Similarity histogram (every evaluation) and, at test time, the failure gallery; PNGs in the run folder,
-        also logged to W&B when it is the logger."""
+        also logged to W&B when it is the logger.
+        """
         if self.cfg.eval_scoring != "cosine":
             return  # the histogram and thresholds are about cosines
         out = Path(self.trainer.default_root_dir)

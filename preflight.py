@@ -31,7 +31,7 @@ SHOWN_CAPTIONS = 5
 
 
 def _split_rows(splits: DatasetSplits) -> list[str]:
-    """records / identities / captions / images found and missing, per split."""
+    """Records / identities / captions / images found and missing, per split."""
     rows = []
     train_paths = list(dict.fromkeys(s.image_path for s in splits.train))
     parts: list[tuple[str, int, int, list[Path]]] = [

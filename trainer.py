@@ -16,28 +16,25 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from config_schema import checkpoint_problems, register_schema, validate_config
-from lightning_callbacks import AtomicCheckpointIO, QueryLimit, build_logger, checkpoint_dir_of, training_callbacks
+from lightning_callbacks import (
+    AtomicCheckpointIO,
+    QueryLimit,
+    build_logger,
+    checkpoint_dir_of,
+    trainer_kwargs,
+    training_callbacks,
+)
 from lightning_data import TBPSDataModule, build_datamodule
 from lightning_models import TBPSLitModule
 from preflight import run_preflight
 from prepare_checkpoints import ensure_demo_assets
 from utils.config import ConfigError
-from utils.errors import InputError
+from utils.errors import InputError, user_message
 from utils.io import atomic_write_json
 from utils.metrics import chance_rank1
 
 log = logging.getLogger(__name__)
 register_schema()
-
-
-def trainer_settings(cfg: DictConfig) -> dict[str, Any]:
-    """Keyword arguments of lightning.Trainer: the `trainer` group's set values, data sharding left to the data module.
-
-    Lightning's own distributed sampler would split identity batches across ranks and pad evaluation sets with
-    repeated items; the data module shards both correctly itself.
-    """
-    settings = OmegaConf.to_container(cfg.trainer, resolve=True)
-    return {**{k: v for k, v in settings.items() if v is not None}, "use_distributed_sampler": False}
 
 
 def chance_level(datamodule: TBPSDataModule) -> float:
@@ -94,7 +91,7 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str = "run", callbacks: Sequ
         logger=build_logger(cfg, run_dir, run_name),
         plugins=[AtomicCheckpointIO()],
         callbacks=[*own_callbacks, *callbacks],
-        **trainer_settings(cfg),
+        **trainer_kwargs(cfg),
     )
     if cfg.eval_before_train:
         trainer.validate(module, datamodule=datamodule, verbose=False)
@@ -142,7 +139,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     datamodule = build_datamodule(eval_cfg, stage="test")
     chance = chance_level(datamodule)
     log.info("Evaluating %s on %s; chance t2i R1: %.2f%%", checkpoint, cfg.dataset.dataset_name, chance)
-    trainer = L.Trainer(default_root_dir=run_dir, logger=False, callbacks=[QueryLimit()], **trainer_settings(cfg))
+    trainer = L.Trainer(default_root_dir=run_dir, logger=False, callbacks=[QueryLimit()], **trainer_kwargs(cfg))
     trainer.test(module, datamodule=datamodule, verbose=False)
     results = {
         **module.eval_results,
@@ -151,16 +148,6 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "dataset": cfg.dataset.dataset_name,
     }
     return write_results(trainer, run_dir, results)
-
-
-def user_message(error: InputError) -> str:
-    """The error's own message; a DataLoader worker re-raises it wrapped in the worker's traceback, which is cut."""
-    message = str(error)
-    if "Original Traceback" not in message:
-        return message
-    last = [line for line in message.splitlines() if line.strip()][-1]  # "data.datasets.ImageReadError: <message>"
-    name, separator, own = last.partition(": ")
-    return own if separator and name.split(".")[-1] == type(error).__name__ else last
 
 
 def run_name_of(config_name: str, overrides: list[str]) -> str:

@@ -39,12 +39,11 @@ class CaptionTokenizer:
     """Wrap a Hugging Face tokenizer with the padding and normalisation rules SigLIP needs."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, *, return_attention_mask: bool = False):
-        """
-        Args:
-            tokenizer: Any HF tokenizer (SentencePiece `SiglipTokenizer` for m-SigLIP).
-            max_length: Text positions of the backbone (64 for m-SigLIP).
-            return_attention_mask: SigLIP was pre-trained without a text attention mask, so the default leaves it
-                out; set True to mask pads (parity=seed).
+        """Args:
+        tokenizer: Any HF tokenizer (SentencePiece `SiglipTokenizer` for m-SigLIP).
+        max_length: Text positions of the backbone (64 for m-SigLIP).
+        return_attention_mask: SigLIP was pre-trained without a text attention mask, so the default leaves it
+            out; set True to mask pads (parity=seed).
         """
         if tokenizer.pad_token_id is None:
             raise TokenizerError(

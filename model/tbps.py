@@ -23,7 +23,7 @@ MAX_TEMPERATURE = 100.0
 
 
 def pooled(output) -> Tensor:
-    """transformers 5 returns an output object from get_*_features, 4.x a tensor."""
+    """Transformers 5 returns an output object from get_*_features, 4.x a tensor."""
     return getattr(output, "pooler_output", output)
 
 
@@ -48,13 +48,12 @@ class TBPS(nn.Module):
         freeze_text: bool = False,
         interpolate_pos_encoding: bool = False,
     ):
-        """
-        Args:
-            backbone: A dual encoder loaded by `model.backbone.load_backbone`.
-            heads: Which optional heads to build.
-            freeze_vision: Keep the vision tower's weights fixed.
-            freeze_text: Keep the text tower's weights fixed.
-            interpolate_pos_encoding: Interpolate vision positions on every call (CLIP at a non-native size).
+        """Args:
+        backbone: A dual encoder loaded by `model.backbone.load_backbone`.
+        heads: Which optional heads to build.
+        freeze_vision: Keep the vision tower's weights fixed.
+        freeze_text: Keep the text tower's weights fixed.
+        interpolate_pos_encoding: Interpolate vision positions on every call (CLIP at a non-native size).
         """
         super().__init__()
         self.backbone = backbone

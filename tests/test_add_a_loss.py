@@ -1,6 +1,7 @@
 """The README's "Add a new loss" steps are all it takes: a pure function and one `LOSSES` entry, nothing else. The
 new flag, weight and option then exist in the schema (typed, with their defaults), work from the command line, and
-the term trains and is logged. Run in a fresh interpreter, since the registry is read when the settings are built."""
+the term trains and is logged. Run in a fresh interpreter, since the registry is read when the settings are built.
+"""
 
 from __future__ import annotations
 

@@ -4,7 +4,8 @@ written once from the full files; regenerate only for an intended change of valu
 `uv run python -m tests.test_config_snapshot`).
 
 The schema (config_schema.py) adds the keys the files never stated: unset ones (null: Lightning's or the library's
-own default applies) and the keys below, each with the value the code used when it was absent."""
+own default applies) and the keys below, each with the value the code used when it was absent.
+"""
 
 from __future__ import annotations
 

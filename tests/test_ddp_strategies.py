@@ -127,7 +127,9 @@ def _worker(rank: int, port: int, checkpoint: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        results = {name: _train(checkpoint, LossSettings(**values), rank) for name, values in _cases().items()}
+        results = {
+            name: _train(checkpoint, LossSettings.from_mapping(values), rank) for name, values in _cases().items()
+        }
         # The control: the same intrinsic run without freezing the unused logit parameters fails as the defect did.
         try:
             _train(checkpoint, LossSettings(strategy="intrinsic"), rank, freeze_unused=False)

@@ -34,7 +34,7 @@ WORLD = 2
 
 
 def _dataset(num_ids: int = 23) -> tuple[list[int], list[int]]:
-    """pids and image ids of a caption-level dataset with uneven identities (1..4 images, 2 captions each)."""
+    """Pids and image ids of a caption-level dataset with uneven identities (1..4 images, 2 captions each)."""
     pids, image_ids = [], []
     image = 0
     for pid in range(num_ids):
@@ -289,7 +289,7 @@ def test_random_states_are_saved_per_rank_and_old_checkpoints_still_restore():
 
 
 def test_errors_from_dataloader_workers_are_reported_as_their_own_message():
-    from trainer import user_message
+    from utils.errors import user_message
 
     wrapped = ImageReadError(
         "Caught ImageReadError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"

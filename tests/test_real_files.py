@@ -114,7 +114,8 @@ def test_evaluation_needs_only_the_test_images(tmp_path, demo_root):
 
 def test_selecting_on_test_trains_every_identity_and_says_so(demo_root, tmp_path):
     """VN3K without validation records (as the real file is): the honest default holds identities out, the peers'
-    protocol trains on all of them."""
+    protocol trains on all of them.
+    """
     from lightning_data import build_datamodule
     from trainer import protocol_of
 

@@ -1,5 +1,6 @@
 """The config schema: unknown keys and wrong types fail at composition, defaults are written once, Lightning's knobs
-are real Trainer arguments, and limiting evaluation batches cuts the queries, never the gallery."""
+are real Trainer arguments, and limiting evaluation batches cuts the queries, never the gallery.
+"""
 
 from __future__ import annotations
 
@@ -101,7 +102,8 @@ def test_a_checkpoint_config_without_newer_keys_takes_their_defaults():
 
 def test_limit_val_batches_ranks_the_first_queries_against_the_whole_gallery(demo_root, tmp_path, caplog):
     """`++trainer.limit_val_batches=1` used to cut the gallery to one batch and stop with "queries have no gallery
-    item"; it now keeps one batch of queries and every gallery image."""
+    item"; it now keeps one batch of queries and every gallery image.
+    """
     from data.readers import read_dataset
     from trainer import train
 
@@ -141,3 +143,23 @@ def test_every_recipe_passes_validation_where_its_files_exist(tmp_path):
         cfg = compose_config(recipe, [f"dataset_root_dir={tmp_path}", "optimizer=tbps_clip"])
         validate_config(cfg)
     assert Path(CONFIG_DIR / "train.yaml").is_file()
+
+
+def test_clear_names_set_the_original_settings():
+    from model.objective import Objective
+    from model.strategies import LossSettings
+
+    clear = compose_config(
+        "demo", ["loss.simclr=true", "loss.id_classifier=true", "loss.mlm_depth=2", "loss.nitc=false", "loss.SDM=true"]
+    )
+    original = compose_config(
+        "demo", ["loss.SS=true", "loss.ID=true", "loss.cmt_depth=2", "loss.NITC=false", "loss.SDM=true"]
+    )
+    assert LossSettings.from_mapping(clear.loss) == LossSettings.from_mapping(original.loss)
+    settings = LossSettings.from_mapping(clear.loss)
+    assert (settings.SS, settings.ID, settings.cmt_depth, settings.NITC) == (True, True, 2, False)
+    assert Objective(settings).needs_ss_views and Objective(settings).needs_classifier
+    # A recipe's value gives way to the clear name on the command line.
+    circle = compose_config("cir_msiglip", ["loss.strategy=auxiliary", "loss.auxiliary_circle=true"])
+    assert LossSettings.from_mapping(circle.loss).CIR is True
+    assert LossSettings.from_mapping(compose_config("cir_msiglip", ["loss.simclr=false"]).loss).SS is False

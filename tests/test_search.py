@@ -1,5 +1,6 @@
 """search.py: index -> query on the demo dataset with a trained model, incremental re-index, exported models,
-the grid picture, JSON output and clear errors for bad inputs."""
+the grid picture, JSON output and clear errors for bad inputs.
+"""
 
 from __future__ import annotations
 

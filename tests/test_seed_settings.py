@@ -115,7 +115,8 @@ def _windows(crop, height: int, width: int, draws: int = 300) -> list[tuple[int,
 
 def _assert_windows_follow_the_relative_ratio(windows, height, width, scale):
     """w/h in [1/4, 4/9] (3/4..4/3 of the image's 1/3) and area in `scale` of the image's, up to the integer rounding
-    of w and h (one pixel each), or the whole image (the fallback)."""
+    of w and h (one pixel each), or the whole image (the fallback).
+    """
     for top, left, h, w in windows:
         assert 0 <= top <= height - h and 0 <= left <= width - w, (top, left, h, w)
         if (h, w) == (height, width):

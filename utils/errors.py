@@ -14,3 +14,13 @@ class InputError(ValueError):
 
 class ImageSizeError(InputError):
     """`img_size_str` is not two positive integers, or the size does not tile into the backbone's patches."""
+
+
+def user_message(error: InputError) -> str:
+    """The error's own message; a DataLoader worker re-raises it wrapped in the worker's traceback, which is cut."""
+    message = str(error)
+    if "Original Traceback" not in message:
+        return message
+    last = [line for line in message.splitlines() if line.strip()][-1]  # "data.datasets.ImageReadError: <message>"
+    name, separator, own = last.partition(": ")
+    return own if separator and name.split(".")[-1] == type(error).__name__ else last

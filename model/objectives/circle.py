@@ -56,7 +56,7 @@ def circle_logits(sim: Tensor, *, margin: float, gamma: float) -> tuple[Tensor, 
 
 
 def _masked_logsumexp(logits: Tensor, mask: Tensor) -> Tensor:
-    """logsumexp over the last dim, over the entries where `mask` holds.
+    """Logsumexp over the last dim, over the entries where `mask` holds.
 
     Masked entries are `finfo.min`, so exp() of them is exactly 0 next to any kept entry; a slice with no kept entry
     gives `finfo.min`, whose softplus is exactly 0 (log(1 + empty sum)), with zero gradient.
