@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from hydra.core.config_store import ConfigStore
+from lightning.fabric.connector import _PRECISION_INPUT
 from omegaconf import DictConfig, OmegaConf
 
 from data.settings import AugSettings, DatasetSettings, TokenizerSettings
 from model.build import BackboneSettings
 from model.lora import LoraSettings
-from model.strategies import LossConfig
+from model.strategies import CLEAR_NAMES, LossSettings
 from solver.build import OptimizerSettings
 from solver.lr_scheduler import SchedulerSettings
 from utils.config import ConfigError, register_resolvers
@@ -29,6 +32,15 @@ from utils.config import ConfigError, register_resolvers
 #: Lightning strategies whose workers are forked or spawned from this process: train() could not return their results.
 PROCESS_POOL_STRATEGIES = ("ddp_spawn", "ddp_fork", "ddp_notebook", "ddp_spawn_find_unused_parameters_true")
 LOGGERS = ("wandb", "csv")
+
+
+def _flattened(literal: Any) -> tuple[Any, ...]:
+    args = typing.get_args(literal)
+    return tuple(value for arg in args for value in (_flattened(arg) if typing.get_args(arg) else (arg,)))
+
+
+#: `trainer.precision` values Lightning accepts (its own type of the argument).
+PRECISIONS = _flattened(_PRECISION_INPUT)
 MODEL_SELECTIONS = ("validation", "test")
 EVAL_SCORINGS = ("cosine", "dot")
 
@@ -41,41 +53,48 @@ class TrainerSettings:
     gallery is always ranked, so R@k stays a ranking over every candidate (see `lightning_callbacks.QueryLimit`).
     """
 
-    accelerator: str | None = None  # auto | cpu | gpu
+    accelerator: str = "auto"  # auto | cpu | gpu
     strategy: str | None = None  # auto | ddp
-    devices: Any = None  # a count, a list of indices, -1 (all) or auto
+    devices: Any = 1  # a count, a list of indices, -1 (all: trainer=ddp) or auto
     num_nodes: int | None = None
-    precision: Any = None  # 32-true | 16-mixed | bf16-mixed
+    precision: Any = None  # 32-true | 16-mixed | bf16-mixed (lightning.fabric's precision values)
     max_epochs: int | None = None
     min_epochs: int | None = None
     max_steps: int | None = None
+    min_steps: int | None = None
     max_time: Any = None
-    accumulate_grad_batches: int | None = None  # gradients accumulate; each contrastive loss still sees one batch
+    accumulate_grad_batches: int = 1  # gradients accumulate; each contrastive loss still sees one micro-batch
     gradient_clip_val: float | None = None
     gradient_clip_algorithm: str | None = None
     limit_train_batches: Any = None  # a count or a fraction of the training batches
-    limit_val_batches: Any = None  # a count (of batches of dataset.test_batch_size) or a fraction of the queries
+    limit_val_batches: Any = None  # a count (of test_batch_size batches) or a fraction of the queries; 0: off
     limit_test_batches: Any = None
+    overfit_batches: Any = None
     val_check_interval: Any = None
     check_val_every_n_epoch: int | None = None
-    num_sanity_val_steps: int | None = None
+    num_sanity_val_steps: int = 0  # Lightning's sanity check encodes part of the gallery and ranks nothing here
     log_every_n_steps: int | None = None
     fast_dev_run: Any = None  # true or a count: that many training batches and query batches, no checkpoints
     enable_progress_bar: bool | None = None
     enable_model_summary: bool | None = None
     deterministic: Any = None
     benchmark: bool | None = None
+    inference_mode: bool | None = None
     detect_anomaly: bool | None = None
     sync_batchnorm: bool | None = None
+    reload_dataloaders_every_n_epochs: int | None = None
     profiler: str | None = None
 
     def problems(self) -> list[str]:
+        issues = []
         if str(self.strategy) in PROCESS_POOL_STRATEGIES:
-            return [
+            issues.append(
                 f"trainer.strategy={self.strategy} keeps the results in the started processes; use "
                 "trainer.strategy=ddp (trainer=ddp or trainer=ddp_cpu)."
-            ]
-        return []
+            )
+        if self.precision is not None and self.precision not in PRECISIONS:
+            issues.append(f"trainer.precision={self.precision!r} is unknown; valid: {list(PRECISIONS)}.")
+        return issues
 
     def lightning_kwargs(self) -> dict[str, Any]:
         """The settings given (not null), as `lightning.Trainer` keyword arguments."""
@@ -121,7 +140,7 @@ class TBPSConfig:
     dataset: DatasetSettings = field(default_factory=DatasetSettings)
     backbone: BackboneSettings = field(default_factory=BackboneSettings)
     tokenizer: TokenizerSettings = field(default_factory=TokenizerSettings)
-    loss: LossConfig = field(default_factory=LossConfig)
+    loss: LossSettings = field(default_factory=LossSettings)
     aug: AugSettings = field(default_factory=AugSettings)
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
@@ -201,6 +220,12 @@ def unknown_keys(node: Any, path: str = "") -> list[str]:
         if key not in unknown and OmegaConf.is_dict(node._get_node(key)):
             issues += unknown_keys(node[key], f"{path}{key}.")
     return issues
+
+
+def with_original_names(overrides: list[str]) -> list[str]:
+    """Command-line overrides with the clear loss names (`loss.simclr=true`) written as the keys (`loss.SS=true`)."""
+    pattern = re.compile(rf"^([+~]*loss\.)({'|'.join(CLEAR_NAMES)})(?==|$)")
+    return [pattern.sub(lambda match: match[1] + CLEAR_NAMES[match[2]], override) for override in overrides]
 
 
 def validate_config(cfg: DictConfig) -> None:

@@ -55,6 +55,8 @@ class ResumeHint(Callback):
 class QueryLimit(Callback):
     """Applies `trainer.limit_val_batches` / `limit_test_batches` (which `fast_dev_run` sets too) to the queries only.
 
+    A limit of 0 keeps its meaning in Lightning (no validation, or no test).
+
     Lightning cuts every evaluation loader alike; cutting the gallery would rank the queries against part of it (and
     stop when a query's person is not in that part). The trainer's limits are read once, handed to the data module,
     which keeps only the first queries, and reset, so every gallery batch is encoded.
@@ -67,7 +69,9 @@ class QueryLimit(Callback):
         if self.limits is None:
             self.limits = {"val": trainer.limit_val_batches, "test": trainer.limit_test_batches}
         trainer.datamodule.query_limits = dict(self.limits)
-        trainer.limit_val_batches = trainer.limit_test_batches = 1.0
+        # A limit of 0 stays with Lightning: it switches that evaluation off.
+        trainer.limit_val_batches = 1.0 if self.limits["val"] else 0
+        trainer.limit_test_batches = 1.0 if self.limits["test"] else 0
 
 
 def checkpoint_dir_of(cfg: DictConfig, run_dir: Path) -> Path:

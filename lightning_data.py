@@ -25,6 +25,7 @@ from data.transforms import build_eval_transform, build_simclr_transform, build_
 from model.objective import Objective
 from model.strategies import LossSettings
 from utils.config import ConfigError
+from utils.metrics import RANKS
 
 log = logging.getLogger(__name__)
 
@@ -219,10 +220,11 @@ class TBPSDataModule(L.LightningDataModule):
 
 def _limited(total: int, limit: int | float, batch: int, world: int) -> int:
     """How many of `total` queries a trainer limit keeps: `limit` global batches of `batch`, or that fraction of them
-    (Lightning's reading of limit_*_batches), never fewer than one per process.
+    (Lightning's reading of limit_*_batches). Never fewer than one per process, nor than the largest R@k: i2t ranks
+    the images against the kept captions.
     """
     kept = limit * batch if isinstance(limit, int) else int(limit * total)
-    return max(min(kept, total), min(world, total))
+    return min(max(kept, world, max(RANKS)), total)
 
 
 def _own_generator(seed: int) -> torch.Generator:

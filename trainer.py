@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from config_schema import checkpoint_problems, register_schema, validate_config
+from config_schema import checkpoint_problems, register_schema, validate_config, with_original_names
 from lightning_callbacks import (
     AtomicCheckpointIO,
     QueryLimit,
@@ -156,7 +157,7 @@ def run_name_of(config_name: str, overrides: list[str]) -> str:
     return "_".join(parts)[:128]
 
 
-@hydra.main(version_base="1.3", config_path="config", config_name=None)
+@hydra.main(version_base="1.3", config_path="config", config_name="train")
 def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     name = cfg.logger.experiment_name or run_name_of(hydra_cfg.job.config_name or "run", hydra_cfg.overrides.task)
@@ -181,4 +182,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = [sys.argv[0], *with_original_names(sys.argv[1:])]  # loss.simclr=true -> loss.SS=true
     main()

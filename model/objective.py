@@ -23,7 +23,7 @@ DERIVED_INPUTS: dict[str, Callable[[TrainFeatures], Tensor]] = {
     "sim": lambda feats: cosine_similarity(feats.text_feats, feats.image_feats),  # (B_text, B_image)
     "pos_mask": lambda feats: identity_mask(feats.pids, feats.pids),
 }
-FEATURE_FIELDS = frozenset(field.name for field in dataclasses.fields(TrainFeatures))
+KNOWN_INPUTS = frozenset(field.name for field in dataclasses.fields(TrainFeatures)) | set(DERIVED_INPUTS)
 
 
 class Objective:
@@ -40,6 +40,10 @@ class Objective:
             name: loss for name, loss in LOSSES.items() if loss.flag and getattr(settings, loss.flag)
         }
         self._inputs = {feature for loss in self._auxiliary.values() for feature in loss.inputs.values()}
+        if unknown := unknown_inputs(self._auxiliary):
+            raise ValueError(
+                f"LOSSES entries name inputs no feature provides: {unknown}; valid: {sorted(KNOWN_INPUTS)}"
+            )
 
     @property
     def needs_aug_view(self) -> bool:
@@ -114,6 +118,5 @@ def _float32(feats: TrainFeatures) -> TrainFeatures:
 
 def unknown_inputs(losses: dict[str, Loss] = LOSSES) -> list[str]:
     """Inputs named by registry entries that no feature provides (a typo in an entry); empty when all resolve."""
-    known = FEATURE_FIELDS | set(DERIVED_INPUTS)
     named = [(name, feature) for name, loss in losses.items() for feature in loss.inputs.values()]
-    return [f"{name}: {feature}" for name, feature in named if feature not in known]
+    return [f"{name}: {feature}" for name, feature in named if feature not in KNOWN_INPUTS]

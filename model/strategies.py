@@ -19,7 +19,6 @@ once, when the objective is built, so the training step never branches on names.
 from __future__ import annotations
 
 import dataclasses
-import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -234,13 +233,7 @@ class _StrategySettings:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> _StrategySettings:
-        """Build from a config mapping; a clear name (`CLEAR_NAMES`), when set, gives its setting's value; unknown keys
-        raise ValueError listing the valid ones.
-        """
-        values = dict(values)
-        for clear, name in CLEAR_NAMES.items():
-            if (value := values.pop(clear, None)) is not None:
-                values[name] = value
+        """Build from a config mapping; unknown keys raise ValueError listing the valid ones."""
         valid = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(values) - valid)
         if unknown:
@@ -352,8 +345,9 @@ LossSettings = dataclasses.make_dataclass(
 )
 LossSettings.__module__ = __name__
 
-#: Clear names accepted for the settings whose original names mislead (`loss.simclr=true` is `loss.SS=true`). The
-#: original names stay the fields: the original project's files, commands and messages use them.
+#: Clear names for the settings whose original names mislead: `loss.simclr=true` on the command line is
+#: `loss.SS=true` (config_schema.with_original_names). The original names stay the keys, so config files, saved
+#: configs and messages use one name each, and the last override on the command line wins.
 CLEAR_NAMES = {
     "nitc": "NITC",  # train the N-ITC matching loss
     "simclr": "SS",  # SimCLR on two strong image views ("SS": self-supervision)
@@ -361,19 +355,3 @@ CLEAR_NAMES = {
     "id_classifier": "ID",  # identity classification of both embeddings
     "mlm_depth": "cmt_depth",  # layers of the MLM cross-modal transformer
 }
-
-
-@dataclasses.dataclass
-class _ClearNames:
-    def problems(self, *, use_sigmoid: bool = True) -> list[str]:
-        settings = LossSettings.from_mapping({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
-        return settings.problems(use_sigmoid=use_sigmoid)
-
-
-#: The `loss` group's schema: LossSettings plus its clear names (null: not given), folded by `from_mapping`.
-LossConfig = dataclasses.make_dataclass(
-    "LossConfig",
-    [(clear, typing.get_type_hints(LossSettings)[name] | None, None) for clear, name in CLEAR_NAMES.items()],
-    bases=(_ClearNames, LossSettings),
-)
-LossConfig.__module__ = __name__

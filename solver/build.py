@@ -56,11 +56,21 @@ class OptimizerSettings:
     """The `optimizer` config group."""
 
     type: str = "???"  # a key of OPTIMIZERS; every optimizer file names its class
-    param_groups: dict[str, ParamGroupSettings] = field(default_factory=dict)
+    # Group name -> ParamGroupSettings' keys. An open mapping, so that `+optimizer.param_groups.<new>.lr_factor=0.1`
+    # adds a group from the command line (OmegaConf cannot add a new entry to a dict of dataclasses); the keys are
+    # checked by `problems`.
+    param_groups: dict[str, Any] = field(default_factory=dict)
 
     def problems(self) -> list[str]:
-        groups = {name: dataclasses.asdict(group) for name, group in self.param_groups.items()}
-        return optimizer_problems({"type": self.type, "param_groups": groups})
+        valid = {f.name for f in dataclasses.fields(ParamGroupSettings)}
+        issues = []
+        for name, group in self.param_groups.items():
+            unknown = sorted(set(group or {}) - valid)
+            if unknown:
+                issues.append(
+                    f"Unknown optimizer.param_groups.{name} setting(s) {unknown}; valid keys: {sorted(valid)}."
+                )
+        return issues + optimizer_problems({"type": self.type, "param_groups": self.param_groups})
 
 
 def _given(group: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -69,20 +69,14 @@ def _batch(vocab: int, seed: int, settings: LossSettings) -> dict[str, torch.Ten
 
 
 def _build(checkpoint: str, settings: LossSettings, *, freeze_unused: bool):
-    from model.backbone import load_backbone, needs_per_call_interpolation
-    from model.tbps import TBPS, HeadSpec
+    from model.build import build_model
 
     torch.manual_seed(0)  # the same initial heads on every rank
-    backbone = load_backbone(Path(checkpoint), image_size=(32, 16))
-    heads = HeadSpec(
-        simclr=settings.SS,
-        num_classes=max(PIDS) + 1 if settings.ID else None,
-        mlm_depth=settings.cmt_depth if settings.MLM else None,
-    )
-    model = TBPS(backbone, heads, interpolate_pos_encoding=needs_per_call_interpolation(backbone, (32, 16)))
     objective = Objective(settings, use_sigmoid=True)
-    if freeze_unused:
-        model.keep_logit_parameters(scale=objective.uses_logit_scale, bias=objective.uses_logit_bias)
+    model = build_model({"path": checkpoint, "image_size": (32, 16)}, objective, num_classes=max(PIDS) + 1)
+    if not freeze_unused:  # the control: every logit parameter trainable, as before build_model froze unused ones
+        for name in ("logit_scale", "logit_bias"):
+            getattr(model.backbone, name).requires_grad_(True)
     ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
     return model, ddp, objective
 

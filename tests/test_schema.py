@@ -145,21 +145,52 @@ def test_every_recipe_passes_validation_where_its_files_exist(tmp_path):
     assert Path(CONFIG_DIR / "train.yaml").is_file()
 
 
-def test_clear_names_set_the_original_settings():
-    from model.objective import Objective
+def test_clear_names_on_the_command_line_set_the_original_keys():
+    from config_schema import with_original_names
     from model.strategies import LossSettings
 
-    clear = compose_config(
-        "demo", ["loss.simclr=true", "loss.id_classifier=true", "loss.mlm_depth=2", "loss.nitc=false", "loss.SDM=true"]
+    clear = ["loss.simclr=true", "loss.id_classifier=true", "loss.mlm_depth=2", "loss.nitc=false", "loss.SDM=true"]
+    original = ["loss.SS=true", "loss.ID=true", "loss.cmt_depth=2", "loss.NITC=false", "loss.SDM=true"]
+    assert with_original_names(clear) == original
+    assert with_original_names(["+loss.auxiliary_circle=true", "loss.simclr_temperature=0.2", "simclr=1"]) == [
+        "+loss.CIR=true",
+        "loss.simclr_temperature=0.2",
+        "simclr=1",
+    ]
+    # The last override wins, whichever name it uses: both are one key.
+    cfg = compose_config("cir_msiglip", with_original_names(["loss.simclr=false", "loss.SS=true", "loss.simclr=false"]))
+    assert LossSettings.from_mapping(cfg.loss).SS is False
+
+
+def test_lightning_values_are_checked_before_anything_loads():
+    with pytest.raises(ConfigError) as info:
+        validate_config(compose_config("demo", ["trainer.precision=17"]))
+    assert "trainer.precision=17" in str(info.value) and "bf16-mixed" in str(info.value)
+
+
+def test_a_param_group_can_be_added_from_the_command_line():
+    cfg = compose_config("demo", ["+optimizer.param_groups.logit.lr_factor=0.1"])
+    validate_config(cfg)
+    assert cfg.optimizer.param_groups.logit.lr_factor == 0.1
+    with pytest.raises(ConfigError, match=r"Unknown optimizer.param_groups.logit setting\(s\) \['lrr'\]"):
+        validate_config(compose_config("demo", ["+optimizer.param_groups.logit.lrr=0.1"]))
+
+
+def test_limit_val_batches_zero_switches_validation_off_and_tiny_limits_still_rank(demo_root, tmp_path):
+    """Lightning documents `limit_val_batches=0` as "no validation"; a limit keeping fewer captions than the largest
+    R@k still evaluates (at least 10 queries are kept, so i2t can rank R@10).
+    """
+    from trainer import train
+
+    common = ["trainer.max_epochs=1", "trainer.limit_train_batches=2"]
+    results = train(
+        compose_config("demo", demo_overrides(demo_root, *common, "trainer.limit_val_batches=0")), tmp_path / "a"
     )
-    original = compose_config(
-        "demo", ["loss.SS=true", "loss.ID=true", "loss.cmt_depth=2", "loss.NITC=false", "loss.SDM=true"]
+    assert "val" not in results and 0 <= results["test"]["t2i"]["R1"] <= 100
+    results = train(
+        compose_config(
+            "demo", demo_overrides(demo_root, *common, "trainer.limit_val_batches=0.01", "dataset.test_batch_size=4")
+        ),
+        tmp_path / "b",
     )
-    assert LossSettings.from_mapping(clear.loss) == LossSettings.from_mapping(original.loss)
-    settings = LossSettings.from_mapping(clear.loss)
-    assert (settings.SS, settings.ID, settings.cmt_depth, settings.NITC) == (True, True, 2, False)
-    assert Objective(settings).needs_ss_views and Objective(settings).needs_classifier
-    # A recipe's value gives way to the clear name on the command line.
-    circle = compose_config("cir_msiglip", ["loss.strategy=auxiliary", "loss.auxiliary_circle=true"])
-    assert LossSettings.from_mapping(circle.loss).CIR is True
-    assert LossSettings.from_mapping(compose_config("cir_msiglip", ["loss.simclr=false"]).loss).SS is False
+    assert {"R1", "R5", "R10"} <= set(results["val"]["i2t"])

@@ -30,6 +30,8 @@ from utils.errors import InputError
 
 #: Default budget for the temporaries of one chunk of queries, per device type (others use the CPU's). GPUs get
 #: larger chunks: each chunk costs a fixed few milliseconds of kernel launches and host synchronisations there.
+#: The ranks of the CMC (R@k) every evaluation reports.
+RANKS = (1, 5, 10)
 DEFAULT_MEMORY_BUDGET_BYTES = {"cpu": 256 * 1024**2, "cuda": 1024**3}
 #: Bound on the temporaries per (query, gallery) entry of a chunk. The worst case is every item being a candidate that
 #: shares a bin with a relevant item (all scores tied): each then holds an int64 row, column and bin key, and later a
@@ -50,7 +52,7 @@ def rank_metrics(
     query_pids: Tensor,
     gallery_pids: Tensor,
     *,
-    ks: Sequence[int] = (1, 5, 10),
+    ks: Sequence[int] = RANKS,
     chunk_size: int | None = None,
     memory_budget_bytes: int | None = None,
 ) -> dict[str, float]:

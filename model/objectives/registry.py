@@ -23,7 +23,8 @@ class Loss:
             `pos_mask` (same person), or any `model.features.TrainFeatures` field (`image_feats`, `logit_scale`,
             `raw_text_feats`, `ss_feats_a`, `id_logits_image`, `mlm_logits`, ...). The objective derives from them
             which views, heads and raw features the model must produce.
-        options: Function argument -> (the `loss.<...>` setting it is read from, that setting's default).
+        options: Function argument -> (the `loss.<...>` setting it is read from, that setting's default). The
+            default's type is the setting's type: write `1.0` for a float setting.
         matching: Matches images to texts, so it can replace N-ITC (`loss.NITC=false`).
     """
 
@@ -48,4 +49,7 @@ class Loss:
         if not self.flag:
             return []
         fields = [(self.flag, bool, False), (self.weight_key, float, self.weight)]
-        return fields + [(setting, type(default), default) for setting, default in self.options.values()]
+        # An option's type is its default's (write 1.0 for a float); a None default leaves it untyped.
+        return fields + [
+            (setting, Any if default is None else type(default), default) for setting, default in self.options.values()
+        ]
