@@ -147,3 +147,24 @@ def test_simclr_views_differ_and_have_output_shape(image: Image.Image) -> None:
 def test_list_arguments_become_tuples() -> None:
     erasing = transforms.build_augmentation("random_erasing", SIZE, {"scale": [0.1, 0.2], "p": 1.0})
     assert erasing.scale == (0.1, 0.2)
+
+
+def test_simclr_blur_spreads_an_impulse_by_the_drawn_sigma_and_replays_under_a_seed():
+    """A Gaussian of standard deviation sigma spreads a single bright pixel with variance sigma^2 along each axis
+    (the definition); PIL's extended box filters match that variance by construction.
+    """
+    from data.transforms import GaussianBlurSigma
+
+    impulse = Image.new("L", (65, 65))
+    impulse.putpixel((32, 32), 255)
+    for sigma in (1.0, 2.0):
+        blurred = GaussianBlurSigma(sigma=(sigma, sigma))(impulse)
+        weights = torch.tensor(list(blurred.getdata()), dtype=torch.float64).view(65, 65)
+        offsets = torch.arange(65, dtype=torch.float64) - 32
+        variance_x = (weights.sum(0) * offsets**2).sum() / weights.sum()
+        assert variance_x.item() == pytest.approx(sigma**2, rel=0.15), (sigma, variance_x)
+    blur = GaussianBlurSigma()
+    torch.manual_seed(3)
+    first = blur.make_params([impulse])["sigma"]
+    torch.manual_seed(3)
+    assert blur.make_params([impulse])["sigma"] == first and 0.1 <= first <= 2.0

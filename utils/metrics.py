@@ -28,10 +28,10 @@ from torch import Tensor
 
 from utils.errors import InputError
 
-#: Default budget for the temporaries of one chunk of queries, per device type (others use the CPU's). GPUs get
-#: larger chunks: each chunk costs a fixed few milliseconds of kernel launches and host synchronisations there.
 #: The ranks of the CMC (R@k) every evaluation reports.
 RANKS = (1, 5, 10)
+#: Default budget for the temporaries of one chunk of queries, per device type (others use the CPU's). GPUs get
+#: larger chunks: each chunk costs a fixed few milliseconds of kernel launches and host synchronisations there.
 DEFAULT_MEMORY_BUDGET_BYTES = {"cpu": 256 * 1024**2, "cuda": 1024**3}
 #: Bound on the temporaries per (query, gallery) entry of a chunk. The worst case is every item being a candidate that
 #: shares a bin with a relevant item (all scores tied): each then holds an int64 row, column and bin key, and later a
