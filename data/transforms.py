@@ -65,8 +65,8 @@ class GaussianBlurSigma(v2.Transform):
     PIL images are blurred by PIL (`ImageFilter.GaussianBlur`: extended box filters with the Gaussian's variance, as
     MoCo v2 and most SimCLR re-implementations do), about 30x faster on a CPU than torchvision's depthwise
     convolution with SimCLR's kernel of 10 % of each side (1.8 ms against 59 ms per 384x128 view, one core;
-    `bench/data_throughput.py`), which made SimCLR's two views the data pipeline's bottleneck. With sigma <= 2 that kernel holds +-3 sigma, so it cut
-    nothing off. Tensors go through torchvision's blur with a +-3 sigma kernel.
+    `bench/data_throughput.py`), which made SimCLR's two views the data pipeline's bottleneck. With sigma <= 2 that
+    kernel holds +-3 sigma, so it cut nothing off. Tensors go through torchvision's blur with a +-3 sigma kernel.
     """
 
     def __init__(self, sigma: tuple[float, float] = (0.1, 2.0)):
