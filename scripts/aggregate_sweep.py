@@ -1,0 +1,214 @@
+"""One table for a sweep: mean +- std over seeds per strategy, and each strategy's difference from the baseline.
+
+    uv run python -m scripts.aggregate_sweep multirun/2026-11-27/10-00-00          # any folder of finished runs
+    uv run python -m scripts.aggregate_sweep SWEEP --by loss.strategy --baseline baseline
+
+Every `results.json` under the folder is one run; its `.hydra/config.yaml` (written by Hydra next to it) says what
+ran. The runs must differ only in the swept keys (`--by` and `seed`): a sweep that mixes datasets or other settings
+is refused, naming the runs and the keys that differ. For every metric (t2i and i2t R1/R5/R10/mAP/mINP, of the
+checkpoint selected on validation and of the last epoch) the table gives the mean +- sample standard deviation
+over seeds, the number of seeds, and the difference from `--baseline` paired by seed with its 95% confidence
+interval (Student's t over the per-seed differences): the effect under study is about the size of the seed-to-seed
+spread, so a bare mean misleads. Writes `aggregate.md` and `aggregate.csv` into the sweep folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from utils.errors import InputError
+from utils.io import atomic_write_text
+
+TASKS = ("t2i", "i2t")
+METRICS = ("R1", "R5", "R10", "mAP", "mINP")
+#: Which weights a number is about: the checkpoint selected on validation, and the last epoch.
+SELECTIONS = {"test": "selected", "test_last": "last"}
+
+
+class SweepError(InputError):
+    """The folder holds no runs, a run lacks its config, or the runs differ in more than the swept keys."""
+
+
+@dataclass(frozen=True)
+class Run:
+    path: Path
+    config: dict[str, Any]  # flattened: "loss.strategy" -> "auxiliary"
+    results: dict[str, Any]
+
+    def value(self, selection: str, task: str, metric: str) -> float | None:
+        return (self.results.get(selection) or {}).get(task, {}).get(metric)
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        flat = {}
+        for key, value in node.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix.rstrip("."): node}
+
+
+def load_runs(folder: Path) -> list[Run]:
+    runs = []
+    for results in sorted(folder.rglob("results.json")):
+        config = results.parent / ".hydra" / "config.yaml"
+        if not config.is_file():
+            raise SweepError(f"{results} has no {config.relative_to(results.parent)}: not a run written by trainer.py.")
+        container = OmegaConf.to_container(OmegaConf.load(config), resolve=False)
+        runs.append(Run(results.parent, _flatten(container), json.loads(results.read_text())))
+    if not runs:
+        raise SweepError(f"no results.json under {folder}: no run of this sweep has finished.")
+    return runs
+
+
+def check_one_experiment(runs: list[Run], swept: tuple[str, ...]) -> None:
+    """Refuse runs that differ in anything but the swept keys, naming the keys and the runs."""
+    reference = runs[0]
+    problems = []
+    for run in runs[1:]:
+        keys = sorted(
+            key
+            for key in set(run.config) | set(reference.config)
+            if key not in swept and run.config.get(key) != reference.config.get(key)
+        )
+        if keys:
+            shown = ", ".join(f"{key}={run.config.get(key)!r} (vs {reference.config.get(key)!r})" for key in keys[:5])
+            problems.append(f"{run.path} differs from {reference.path} in {shown}")
+    if problems:
+        raise SweepError(
+            f"the runs differ in more than {list(swept)}; aggregate each experiment separately:\n  - "
+            + "\n  - ".join(problems)
+        )
+
+
+def t_quantile(probability: float, df: int) -> float:
+    """Quantile of Student's t distribution with `df` degrees of freedom (bisection on its CDF, integrated)."""
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def cdf(x: float) -> float:  # for x >= 0: 1/2 + integral of the density over [0, x] (Simpson, 2000 panels)
+        steps = 2000
+        h = x / steps
+        density = [math.exp(log_norm - (df + 1) / 2 * math.log1p((i * h) ** 2 / df)) for i in range(steps + 1)]
+        return 0.5 + h / 3 * (density[0] + density[-1] + 4 * sum(density[1:-1:2]) + 2 * sum(density[2:-1:2]))
+
+    low, high = 0.0, 1.0
+    while cdf(high) < probability:
+        high *= 2
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if cdf(middle) < probability else (low, middle)
+    return (low + high) / 2
+
+
+def paired_difference(values: dict[int, float], baseline: dict[int, float]) -> tuple[float, float, int] | None:
+    """(mean difference, 95% CI half-width, seeds) over the seeds both have; None with fewer than two."""
+    seeds = sorted(set(values) & set(baseline))
+    if len(seeds) < 2:
+        return None
+    differences = [values[seed] - baseline[seed] for seed in seeds]
+    half_width = t_quantile(0.975, len(seeds) - 1) * statistics.stdev(differences) / math.sqrt(len(seeds))
+    return statistics.mean(differences), half_width, len(seeds)
+
+
+def aggregate(runs: list[Run], by: str, baseline: str) -> list[dict[str, Any]]:
+    """One row per (group, selection, task, metric): mean, std, seeds, and the paired difference from `baseline`."""
+    groups: dict[Any, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.config.get(by), []).append(run)
+    rows = []
+    for group, members in groups.items():
+        for selection, label in SELECTIONS.items():
+            for task in TASKS:
+                for metric in METRICS:
+                    per_seed = _per_seed(members, selection, task, metric)
+                    if not per_seed:
+                        continue
+                    base = _per_seed(groups.get(baseline, []), selection, task, metric)
+                    values = list(per_seed.values())
+                    difference = paired_difference(per_seed, base) if group != baseline else None
+                    rows.append(
+                        {
+                            by: group,
+                            "weights": label,
+                            "task": task,
+                            "metric": metric,
+                            "seeds": len(values),
+                            "mean": statistics.mean(values),
+                            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                            "diff_vs_baseline": difference[0] if difference else None,
+                            "ci95_half_width": difference[1] if difference else None,
+                        }
+                    )
+    return rows
+
+
+def _per_seed(runs: list[Run], selection: str, task: str, metric: str) -> dict[int, float]:
+    values = {}
+    for run in runs:
+        value = run.value(selection, task, metric)
+        if value is not None:
+            values[run.config.get("seed")] = value
+    return values
+
+
+def markdown(rows: list[dict[str, Any]], by: str, baseline: str) -> str:
+    lines = [
+        f"| {by} | weights | task | seeds | " + " | ".join(METRICS) + " |",
+        "|---|---|---|---|" + "---|" * len(METRICS),
+    ]
+    cells: dict[tuple, dict[str, str]] = {}
+    for row in rows:
+        cell = f"{row['mean']:.2f} +- {row['std']:.2f}"
+        if row["diff_vs_baseline"] is not None:
+            cell += f" ({row['diff_vs_baseline']:+.2f} +- {row['ci95_half_width']:.2f})"
+        cells.setdefault((row[by], row["weights"], row["task"], row["seeds"]), {})[row["metric"]] = cell
+    for (group, weights, task, seeds), metrics in cells.items():
+        lines.append(
+            f"| {group} | {weights} | {task} | {seeds} | " + " | ".join(metrics.get(m, "") for m in METRICS) + " |"
+        )
+    lines += [
+        "",
+        f"mean +- sample std over seeds; in brackets the difference from `{baseline}` paired by seed, +- the "
+        "half-width of its 95% confidence interval (Student's t); an interval that contains 0 shows no effect beyond "
+        "the seeds' spread.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", type=Path, help="a sweep folder (e.g. a Hydra multirun folder)")
+    parser.add_argument("--by", default="loss.strategy", help="the swept key the rows are grouped by")
+    parser.add_argument("--baseline", default="baseline", help="the group every other is compared with")
+    args = parser.parse_args(argv)
+    try:
+        runs = load_runs(args.folder)
+        check_one_experiment(runs, (args.by, "seed"))
+    except SweepError as error:
+        raise SystemExit(str(error)) from None
+    rows = aggregate(runs, args.by, args.baseline)
+    atomic_write_text(args.folder / "aggregate.md", markdown(rows, args.by, args.baseline))
+    atomic_write_text(args.folder / "aggregate.csv", to_csv(rows))
+    print(markdown(rows, args.by, args.baseline))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""The sweep table: mean +- std per strategy over seeds, the paired difference from the baseline with its 95% CI,
+and refusal of runs that differ in more than the swept keys. Expected numbers are worked by hand below.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+from scripts.aggregate_sweep import SweepError, aggregate, check_one_experiment, load_runs, main, t_quantile
+from tests.conftest import compose_config
+
+#: strategy -> seed -> test t2i R1 (every other metric: R1 + 1)
+R1 = {"baseline": {0: 10.0, 1: 12.0, 2: 14.0}, "auxiliary": {0: 13.0, 1: 14.0, 2: 18.0}}
+
+
+def _write_run(folder, strategy, seed, r1, extra=()):
+    cfg = compose_config("demo", [f"loss.strategy={strategy}", f"seed={seed}", *extra])
+    (folder / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, folder / ".hydra" / "config.yaml")  # as Hydra writes it: unresolved
+    table = {"R1": r1, "R5": r1 + 1, "R10": r1 + 1, "mAP": r1 + 1, "mINP": r1 + 1}
+    results = {"test": {"t2i": table, "i2t": table}, "test_last": {"t2i": table, "i2t": table}}
+    (folder / "results.json").write_text(json.dumps(results))
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    job = 0
+    for strategy, seeds in R1.items():
+        for seed, r1 in seeds.items():
+            _write_run(tmp_path / str(job), strategy, seed, r1)
+            job += 1
+    return tmp_path
+
+
+def test_t_quantiles_equal_the_published_table():
+    # Student's t, two-sided 95%: 12.706 (1 df), 4.303 (2), 2.776 (4), 2.262 (9), 2.045 (29).
+    for df, published in ((1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262), (29, 2.045)):
+        assert t_quantile(0.975, df) == pytest.approx(published, abs=6e-4)
+
+
+def test_means_stds_and_the_paired_difference_from_the_baseline(sweep):
+    rows = aggregate(load_runs(sweep), "loss.strategy", "baseline")
+    row = {(r["loss.strategy"], r["weights"], r["task"], r["metric"]): r for r in rows}
+    base = row["baseline", "selected", "t2i", "R1"]
+    # baseline 10, 12, 14: mean 12, sample std 2.
+    assert (base["mean"], base["std"], base["seeds"], base["diff_vs_baseline"]) == (12.0, 2.0, 3, None)
+    aux = row["auxiliary", "selected", "t2i", "R1"]
+    # auxiliary 13, 14, 18: mean 15, std sqrt((4 + 1 + 9) / 2) = sqrt(7). Differences by seed 3, 2, 4: mean 3,
+    # std 1, half-width t(0.975, 2) * 1 / sqrt(3) = 4.303 / 1.732 = 2.484.
+    assert aux["mean"] == pytest.approx(15.0) and aux["std"] == pytest.approx(7**0.5)
+    assert aux["diff_vs_baseline"] == pytest.approx(3.0)
+    assert aux["ci95_half_width"] == pytest.approx(2.484, abs=1e-3)
+    assert row["auxiliary", "last", "i2t", "mINP"]["mean"] == pytest.approx(16.0)
+
+
+def test_runs_of_another_dataset_are_refused_by_name(sweep):
+    _write_run(sweep / "odd", "auxiliary", 3, 20.0, extra=["dataset=vn3k_en"])
+    with pytest.raises(SweepError) as info:
+        check_one_experiment(load_runs(sweep), ("loss.strategy", "seed"))
+    assert "odd" in str(info.value) and "dataset.dataset_name='VN3K_EN'" in str(info.value)
+
+
+def test_a_result_without_its_config_is_refused(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text("{}")
+    with pytest.raises(SweepError, match="not a run written by trainer.py"):
+        load_runs(tmp_path)
+
+
+def test_the_command_writes_markdown_and_csv(sweep, capsys):
+    main([str(sweep)])
+    table = (sweep / "aggregate.md").read_text()
+    assert "| auxiliary | selected | t2i | 3 | 15.00 +- 2.65 (+3.00 +- 2.48)" in table
+    assert (sweep / "aggregate.csv").read_text().splitlines()[0].startswith("loss.strategy,weights,task,metric")
