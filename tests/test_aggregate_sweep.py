@@ -75,3 +75,37 @@ def test_the_command_writes_markdown_and_csv(sweep, capsys):
     table = (sweep / "aggregate.md").read_text()
     assert "| auxiliary | selected | t2i | 3 | 15.00 +- 2.65 (+3.00 +- 2.48)" in table
     assert (sweep / "aggregate.csv").read_text().splitlines()[0].startswith("loss.strategy,weights,task,metric")
+
+
+@pytest.mark.slow
+def test_a_hydra_multirun_sweep_aggregates_into_one_table(demo_root, tmp_path):
+    """`trainer.py -cn demo -m loss.strategy=baseline,auxiliary seed=0,1` (Hydra's basic launcher), then the table."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import demo_overrides
+
+    root = Path(__file__).resolve().parents[1]
+    overrides = [o for o in demo_overrides(demo_root) if not o.startswith("logger=")]
+    command = [
+        sys.executable,
+        "trainer.py",
+        "-cn",
+        "demo",
+        "-m",
+        "loss.strategy=baseline,auxiliary",
+        "seed=0,1",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "dataset.test_batch_size=512",
+        "logger=csv",
+        f"hydra.sweep.dir={tmp_path}",
+        *overrides,
+    ]
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = aggregate(load_runs(tmp_path), "loss.strategy", "baseline")
+    seeds = {(r["loss.strategy"], r["task"], r["metric"]): r["seeds"] for r in rows if r["weights"] == "selected"}
+    assert seeds[("baseline", "t2i", "R1")] == 2 and seeds[("auxiliary", "i2t", "mINP")] == 2
+    assert all(r["ci95_half_width"] is not None for r in rows if r["loss.strategy"] == "auxiliary")
