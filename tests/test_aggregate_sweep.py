@@ -75,6 +75,7 @@ def test_the_command_writes_markdown_and_csv(sweep, capsys):
     table = (sweep / "aggregate.md").read_text()
     assert "| auxiliary | selected | t2i | 3 | 15.00 +- 2.65 (+3.00 +- 2.48)" in table
     assert (sweep / "aggregate.csv").read_text().splitlines()[0].startswith("loss.strategy,weights,task,metric")
+    assert "Published" not in table  # the demo's generated data is VN3K in layout only
 
 
 @pytest.mark.slow
@@ -109,3 +110,16 @@ def test_a_hydra_multirun_sweep_aggregates_into_one_table(demo_root, tmp_path):
     seeds = {(r["loss.strategy"], r["task"], r["metric"]): r["seeds"] for r in rows if r["weights"] == "selected"}
     assert seeds[("baseline", "t2i", "R1")] == 2 and seeds[("auxiliary", "i2t", "mINP")] == 2
     assert all(r["ci95_half_width"] is not None for r in rows if r["loss.strategy"] == "auxiliary")
+
+
+def test_on_vn3k_vi_the_original_projects_published_numbers_sit_beside_the_table(tmp_path, capsys):
+    for job, (strategy, seed) in enumerate([("baseline", 0), ("baseline", 1)]):
+        _write_run(
+            tmp_path / str(job), strategy, seed, 40.0 + seed, extra=["dataset=vn3k_vi", "dataset_root_dir=/data"]
+        )
+    main([str(tmp_path)])
+    table = (tmp_path / "aggregate.md").read_text()
+    # The original project's README: t2i 50.53/77.78/86.43/55.94/49.37, i2t 52.35/77.55/86.20/48.97/33.27.
+    assert "| t2i | 50.53 | 77.78 | 86.43 | 55.94 | 49.37 |" in table
+    assert "| i2t | 52.35 | 77.55 | 86.20 | 48.97 | 33.27 |" in table
+    assert "epochs selected on the test split" in table
