@@ -96,11 +96,6 @@ class TrainerSettings:
             issues.append(f"trainer.precision={self.precision!r} is unknown; valid: {list(PRECISIONS)}.")
         return issues
 
-    def lightning_kwargs(self) -> dict[str, Any]:
-        """The settings given (not null), as `lightning.Trainer` keyword arguments."""
-        values = OmegaConf.to_container(OmegaConf.structured(self), resolve=True)
-        return {key: value for key, value in values.items() if value is not None}
-
 
 @dataclass
 class CheckpointSettings:

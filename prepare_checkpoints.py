@@ -90,9 +90,7 @@ def export(checkpoint: Path, out_dir: Path) -> Path:
     from data.text import CaptionTokenizer
     from lightning_models import TBPSLitModule
     from model.export import export_model
-    from utils.config import register_resolvers
 
-    register_resolvers()
     if not checkpoint.is_file():
         raise SystemExit(f"--export {checkpoint}: no such checkpoint file.")
     module = TBPSLitModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from data.images import BAD_IMAGE_POLICIES
-from data.readers import BAD_RECORD_POLICIES
+from data.images import bad_images_problems
+from data.readers import bad_records_problems
 from data.registry import DATASETS
 from data.samplers import COVERAGES, SAMPLERS
 from data.subsets import MIX_FORMS
@@ -55,8 +55,7 @@ class DatasetSettings:
         issues = _choice("dataset.dataset_name", self.dataset_name, DATASETS)
         issues += _choice("dataset.sampler", self.sampler, SAMPLERS)
         issues += _choice("dataset.sampler_coverage", self.sampler_coverage, COVERAGES)
-        issues += _choice("dataset.bad_images", self.bad_images, BAD_IMAGE_POLICIES)
-        issues += _choice("dataset.bad_records", self.bad_records, BAD_RECORD_POLICIES)
+        issues += bad_images_problems(self.bad_images) + bad_records_problems(self.bad_records)
         issues += _choice("dataset.mix_form", self.mix_form, MIX_FORMS)
         if self.batch_size < 2:
             issues.append(f"dataset.batch_size must be >= 2 for contrastive losses, got {self.batch_size}.")

@@ -74,9 +74,7 @@ class SearchEncoder:
 
 def _load_checkpoint(path: Path, device: torch.device, text_attention_mask: bool | None) -> SearchEncoder:
     from lightning_models import TBPSLitModule
-    from utils.config import register_resolvers
 
-    register_resolvers()
     try:
         # weights_only: tensors and plain containers only; a checkpoint that needs arbitrary classes is refused
         # instead of unpickled (which could run code). Explicit, so TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot undo it.
