@@ -16,8 +16,10 @@ from torch import Tensor
 
 from config_schema import typed
 from data.datasets import load_rgb
-from model.build import build_model
+from model.backbone import patch_size_of
+from model.build import build_model, compile_towers
 from model.features import TrainFeatures, gathered
+from model.memory import StepShape, needs_checkpointing
 from model.objective import Objective
 from model.objectives import cosine_similarity, identity_mask
 from model.strategies import LossSettings, StepContext
@@ -48,7 +50,7 @@ def pair_statistics(feats: TrainFeatures) -> dict[str, Tensor]:
 
 
 class NonFiniteLossError(RuntimeError):
-    """A training loss became NaN or infinite; raised before the optimizer step, so no weight is corrupted."""
+    """A training loss became NaN or infinite; raised at the next check, always before a checkpoint is written."""
 
 
 def rng_states() -> dict[str, Any]:
@@ -105,6 +107,10 @@ class TBPSLitModule(L.LightningModule):
             text_vocab_size=text_vocab_size,
         )
         self._eval_feats: dict[int, list[tuple[Tensor, Tensor]]] = {GALLERY: [], QUERIES: []}
+        # Device-side record of a non-finite training loss (see _flag_if_not_finite).
+        self._non_finite: Tensor | None = None
+        self._non_finite_step = self._non_finite_terms = None
+        self._term_names: list[str] = []
         self.eval_results: dict[str, dict[str, dict[str, float]]] = {}
         #: Printed after "Val results" / "Test results" (which split and which weights the table is about).
         self.eval_labels: dict[str, str] = {}
@@ -115,8 +121,53 @@ class TBPSLitModule(L.LightningModule):
     def text_vocab_size(self) -> int:
         return int(self.model.backbone.config.text_config.vocab_size)
 
+    # ---------------------------------------------------------------- placement
+    def setup(self, stage: str) -> None:
+        device = self.trainer.strategy.root_device
+        if stage == "fit":
+            self._choose_checkpointing(device)
+        self._compile_towers()
+
+    def step_shape(self) -> StepShape:
+        """What one training step encodes: the batch, its image views, patches per image and caption tokens."""
+        height, width = self.cfg.backbone.image_size
+        patch = patch_size_of(self.model.backbone)
+        objective = self.objective
+        return StepShape(
+            batch_size=int(self.cfg.dataset.batch_size),
+            image_views=1 + int(objective.needs_aug_view) + 2 * int(objective.needs_ss_views),
+            image_tokens=(height // patch) * (width // patch),
+            text_tokens=int(self.cfg.tokenizer.model_max_length),
+            text_passes=1 + int(objective.needs_masked_captions),
+        )
+
+    def _choose_checkpointing(self, device: torch.device) -> None:
+        """`backbone.gradient_checkpointing=null` (auto): on when the step would not fit the GPU without it."""
+        if self.cfg.backbone.gradient_checkpointing is not None or device.type != "cuda":
+            return
+        on, reason = needs_checkpointing(
+            self.model.backbone,
+            self.model,
+            self.step_shape(),
+            optimizer=str(self.cfg.optimizer.type).rsplit(".", 1)[-1],
+            device_bytes=torch.cuda.get_device_properties(device).total_memory,
+            mixed_precision="16" in str(self.trainer.precision),
+        )
+        log.info("Memory plan: %s.", reason)
+        if on:
+            self.model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def _compile_towers(self) -> None:
+        """`backbone.compile`: torch.compile the towers' layers in place (checkpoints keep their keys)."""
+        if not self.cfg.backbone.compile or getattr(self, "_compiled", False):
+            return
+        count = compile_towers(self.model.backbone)
+        self._compiled = True
+        log.info("torch.compile: %d transformer layers of both towers (compiled on their first batch).", count)
+
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_finite()  # never write weights a non-finite step may have reached
         # Lightning restores weights, optimizer, scheduler and loop counters but not the random generators, which
         # drive shuffling and augmentation: without them a resumed run would diverge from an uninterrupted one.
         # One entry per rank (every rank runs this hook before rank 0 writes): each rank augments with its own.
@@ -150,13 +201,16 @@ class TBPSLitModule(L.LightningModule):
         context = StepContext(epoch=self.fractional_epoch(batch_idx))
         terms = objective(feats, context)
         total = torch.stack(list(terms.values())).sum()
-        self._stop_if_not_finite(total, terms, batch_idx)
+        self._flag_if_not_finite(total, terms)
         batch_size = feats.pids.shape[0]
         self.log("train/total_loss", total, prog_bar=True, batch_size=batch_size)
         self.log_dict({f"train/{name}": value for name, value in terms.items()}, batch_size=batch_size)
         stats = {"logit_scale": feats.logit_scale, "logit_bias": feats.logit_bias, **pair_statistics(feats)}
         if objective.settings.circle_term:
-            stats["circle_weight"] = torch.tensor(self.objective.settings.circle_weight(context.epoch))
+            # Filled on the device: a CPU tensor (or a float) would be copied from pageable memory, which waits for
+            # the GPU to finish the step (a host synchronisation per step).
+            weight = self.objective.settings.circle_weight(context.epoch)
+            stats["circle_weight"] = torch.full((), weight, device=total.device)
         self.log_dict({f"train/{name}": value.detach() for name, value in stats.items()}, batch_size=batch_size)
         return total
 
@@ -170,22 +224,54 @@ class TBPSLitModule(L.LightningModule):
         fraction = batch_idx / batches if 0 < batches < float("inf") else 0.0
         return self.current_epoch + fraction
 
-    def _stop_if_not_finite(self, total: Tensor, terms: dict[str, Tensor], batch_idx: int) -> None:
-        """Stop before a NaN/inf loss reaches the weights; every rank takes the same decision (no DDP hang).
+    def _flag_if_not_finite(self, total: Tensor, terms: dict[str, Tensor]) -> None:
+        """Record on the device whether this step's loss is NaN/inf, and the first such step's losses.
 
-        Costs one host synchronisation per step (plus one all-reduce of a flag under DDP).
+        No host synchronisation here (it would stall the GPU on every step): `check_finite` reads the flag at the
+        next point that synchronises anyway (logging every `trainer.log_every_n_steps`, a checkpoint, an epoch end).
         """
-        finite = bool(torch.isfinite(total))
+        bad = ~torch.isfinite(total.detach())
+        if self._non_finite is None:
+            self._non_finite = torch.zeros((), dtype=torch.bool, device=total.device)
+            self._non_finite_step = torch.zeros((), dtype=torch.long, device=total.device)
+            self._non_finite_terms = torch.zeros(len(terms), device=total.device)
+        first = bad & ~self._non_finite
+        values = torch.stack([value.detach().float() for value in terms.values()])
+        self._non_finite_step = torch.where(first, self.global_step, self._non_finite_step)
+        self._non_finite_terms = torch.where(first, values, self._non_finite_terms)
+        self._non_finite |= bad
+        self._term_names = list(terms)
+
+    def check_finite(self) -> None:
+        """Stop if a training loss became NaN/inf since the last check; every rank takes the same decision.
+
+        One host synchronisation (plus one all-reduce of a flag under DDP).
+        """
+        flag = self._non_finite
+        finite = flag is None or not bool(flag)
         if self.trainer.world_size > 1:
             finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
         if finite:
             return
-        values = ", ".join(f"{name}={value.item():.4g}" for name, value in terms.items())
+        if flag is None or not bool(flag):
+            where, values = "on another rank", ""
+        else:
+            pairs = zip(self._term_names, self._non_finite_terms.tolist())
+            where = f"at global step {int(self._non_finite_step)}"
+            values = ": " + ", ".join(f"{name}={value:.4g}" for name, value in pairs)
         raise NonFiniteLossError(
-            f"non-finite training loss at global step {self.global_step} (epoch {self.current_epoch}, batch "
-            f"{batch_idx}, on at least one rank): {values}. Lower optimizer.lr or loss.circle_gamma, raise "
-            "loss.circle_margin, or train in bf16-mixed/32-true instead of 16-mixed; the last checkpoint is intact."
+            f"non-finite training loss {where} (detected at step {self.global_step}, epoch {self.current_epoch})"
+            f"{values}. Lower optimizer.lr or loss.circle_gamma, raise loss.circle_margin, or train in "
+            "bf16-mixed/32-true instead of 16-mixed. Checkpoints are checked before they are written: the last one "
+            "holds finite weights."
         )
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.global_step % max(int(self.trainer.log_every_n_steps), 1) == 0:  # when Lightning logs (it syncs)
+            self.check_finite()
+
+    def on_train_epoch_end(self) -> None:
+        self.check_finite()
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = build_optimizer(self.cfg.optimizer, self.model)

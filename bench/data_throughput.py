@@ -102,15 +102,15 @@ def loader_rate(dataset, workers: int, count: int, batch: int) -> float:
     return (seen - batch) / (time.perf_counter() - start)
 
 
-def gpu_rates() -> dict[str, float]:
-    """Measured training samples/s per GPU result file and mode (Lightning path)."""
+def gpu_rates(folder: Path) -> dict[str, float]:
+    """Measured training samples/s of the batch-24 rows with the CUDA defaults (`all`) and before them."""
     rates = {}
-    for path in sorted(RESULTS.glob("train_throughput_*.json")):
+    path = folder / "train_throughput_cuda.json"
+    if path.is_file():
         report = json.loads(path.read_text())
-        if "cuda" not in path.stem:
-            continue
         for row in report["rows"]:
-            rates[f"{report['device']}, {row['mode']}"] = row["lightning"]["samples_per_s"]
+            if row["batch"] == 24 and row["variant"].split(":")[1] in ("before", "all"):
+                rates[f"{report['device']}, {row['variant']}"] = row["samples_per_s"]
     return rates
 
 
@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="DataLoader worker counts to time")
     parser.add_argument("--batch", type=int, default=24)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of this process (a worker uses 1)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the tables go (and the GPU rates are read)")
+    parser.add_argument("--tag", default="cpu", help="file name suffix: data_throughput_<tag>.{md,json}")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     register_schema()
@@ -143,10 +145,10 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__,
         "image": [384, 128],
         "rows": rows,
-        "gpu_rates": gpu_rates(),
+        "gpu_rates": gpu_rates(args.out),
     }
-    atomic_write_json(RESULTS / "data_throughput_cpu.json", report)
-    atomic_write_text(RESULTS / "data_throughput_cpu.md", markdown(report, args.workers))
+    atomic_write_json(args.out / f"data_throughput_{args.tag}.json", report)
+    atomic_write_text(args.out / f"data_throughput_{args.tag}.md", markdown(report, args.workers))
 
 
 def markdown(report: dict, workers: list[int]) -> str:
@@ -176,7 +178,8 @@ def markdown(report: dict, workers: list[int]) -> str:
         "the Circle-Loss recipe's four views (same run).",
         "",
         "Workers needed = ceil(GPU training samples/s / samples/s of one process); the GPU rates are the measured "
-        "Lightning rows of `bench/results/train_throughput_cuda.json`. A worker is one process on one core.",
+        "batch-24 rows of `train_throughput_cuda.json` (before the speed levers, and with the CUDA defaults). A worker "
+        "is one process on one core.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -1,33 +1,46 @@
 #!/usr/bin/env bash
-# One GPU session for the three benchmarks, each under a time limit so partial results survive.
-#   bench/gpu_session.sh                 # all three
-#   bench/gpu_session.sh strategies      # only the named ones (train_throughput, eval_metrics, strategies)
+# One GPU session for the benchmarks, each under a time limit so partial results survive (each writes its table after
+# every row).
+#   bench/gpu_session.sh                                  # all sections
+#   bench/gpu_session.sh train_throughput eval_metrics    # only the named ones
+# Sections: train_throughput (speed and memory levers, MFU), data_throughput (workers needed to feed the measured rate,
+# on this machine's CPUs), eval_metrics (ranking on the GPU), strategies (the five strategies' losses).
 # Run from the repository root on a CUDA machine whose python3 has torch, transformers, lightning and peft;
-# hydra-core / omegaconf / prettytable may come as wheels in .whl/. Tables land in bench/results_gpu/ (and $OUT).
+# hydra-core, omegaconf, prettytable and bitsandbytes may come as wheels in .whl/. Tables land in bench/results_gpu/
+# (and $OUT when set).
 set -uo pipefail
 if ls .whl/*.whl >/dev/null 2>&1; then
     site=$(mktemp -d)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
     export PYTHONPATH="$site"
 fi
-export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 out=bench/results_gpu
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, transformers, lightning, peft; print(torch.__version__, transformers.__version__, lightning.__version__, peft.__version__)"
 sections="$*"
 wanted() { [ -z "$sections" ] || [[ " $sections " == *" $1 "* ]]; }
+copy_out() { if [ -n "${OUT:-}" ]; then cp "$out"/*.md "$out"/*.json "$OUT"/ 2>/dev/null; fi; }
 if wanted train_throughput; then
     echo "== train_throughput"
-    timeout 160 python3 -m bench.train_throughput --out "$out" 2>&1 | grep -v -i warn | tail -8
+    timeout "${TRAIN_TIMEOUT:-330}" python3 -m bench.train_throughput --out "$out" 2>&1 \
+        | grep -v -i -E 'warn|^\s*$|LOCAL_RANK|GPU available|TPU available|HPU available' | tail -40
+    copy_out
+fi
+if wanted data_throughput; then
+    echo "== data_throughput"
+    timeout "${DATA_TIMEOUT:-60}" python3 -m bench.data_throughput --images 200 --workers 1 4 8 --out "$out" --tag gpu_host 2>&1 | tail -12
+    copy_out
 fi
 if wanted eval_metrics; then
     echo "== eval_metrics"
-    timeout 110 python3 -m bench.eval_metrics --device cuda --out "$out" 2>&1 | tail -12
+    timeout "${EVAL_TIMEOUT:-90}" python3 -m bench.eval_metrics --device cuda --out "$out" 2>&1 | tail -14
+    copy_out
 fi
 if wanted strategies; then
     echo "== strategies"
     timeout "${STRATEGIES_TIMEOUT:-260}" python3 -m bench.strategies --jobs 5 --out "$out" --set dataset.num_workers=2 \
         2>&1 | tail -12
+    copy_out
 fi
-if [ -n "${OUT:-}" ]; then cp "$out"/*.md "$out"/*.json "$OUT"/ 2>/dev/null; fi

@@ -1,47 +1,118 @@
-"""Training throughput and peak memory: TBPSLitModule under Lightning vs a bare PyTorch loop, same model and loss.
+"""Training throughput, peak memory and model FLOP utilisation of the Circle-Loss recipe, lever by lever.
 
-    uv run python -m bench.train_throughput          # CUDA: real multilingual architecture, 384x128, bf16, batch 24
-    uv run python -m bench.train_throughput --small  # CPU-sized shapes, fp32 (bf16 is ~30x slower on most CPUs)
+    uv run python -m bench.train_throughput                      # CUDA: real multilingual architecture, 384x128, bf16
+    uv run python -m bench.train_throughput --small              # CPU-sized shapes, fp32 (a smoke run of the bench)
+    uv run python -m bench.train_throughput --variants full:before full:all
 
 The backbone is `google/siglip-base-patch16-256-multilingual`'s architecture (vocab 250,000, 12+12 layers of width
-768) built from its config with random weights, so no download is needed. Both loops train the original project's
-selected recipe (auxiliary_cross: N-ITC + cross-modal Circle, MVS, SimCLR, C-ITC) on identical synthetic batches (6
-identities x 4 images, captions of 64 tokens): the Lightning side is `TBPSLitModule` in a `lightning.Trainer`, the
-baseline is a hand-written loop over the same `TBPS` model, objective and optimizer. Measured after warm-up steps,
-per configuration (LoRA r 32 and full fine-tuning): samples/s, peak accelerator memory (or peak RSS on CPU) and
-the Lightning/bare ratio. Results: bench/results/train_throughput_<device>.{md,json}.
+768) built from its config with random weights, so no download is needed. Every variant trains the original
+project's selected recipe (auxiliary_cross: N-ITC + cross-modal Circle, MVS, SimCLR, C-ITC; 6 identities x 4 images,
+captions of 64 tokens) on the same synthetic batches with `TBPSLitModule` in a `lightning.Trainer`; variants marked
+"bare" also run a hand-written loop over the same model, objective and optimizer with the same levers (the
+Lightning/bare ratio). Variants add one lever at a time to `before` (the code's behaviour before these levers: every
+parameter trained, loop AdamW, a host synchronisation per step, eager):
+
+- `frozen-emb`: no gradient or AdamW state for the 250,000 x 768 token embedding (`backbone.freeze.token_embedding`);
+- `fused`: torch's fused AdamW (`optimizer.fused`);
+- `8bit`: bitsandbytes' 8-bit AdamW;
+- `ckpt`: gradient checkpointing of both towers;
+- `compile`: torch.compile of the towers' layers (`backbone.compile`);
+- `all`: the defaults on CUDA (frozen embedding, fused AdamW, no per-step synchronisation, compiled);
+- `cap12`: `all` under a hard 12 GiB cap (`torch.cuda.set_per_process_memory_fraction`), the seed's RTX 3060.
+
+Reported per variant: samples/s after warm-up, speed-up over `before` of the same mode, peak allocated memory, the
+model FLOPs per sample (`torch.utils.flop_counter` over one eager forward and backward), achieved TFLOP/s and MFU
+against the card's dense bf16 peak, and the largest relative difference of the first steps' total losses from the
+eager run with the same settings. Results, written after every variant (a timeout keeps what was measured):
+bench/results/train_throughput_<device>.{md,json}.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import math
 import resource
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import SiglipConfig, SiglipModel
 
 from config_schema import register_schema
 from lightning_models import TBPSLitModule
+from model.build import compile_towers
 from model.strategies import StepContext
 from solver.build import build_optimizer
 from utils.io import atomic_write_json, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
+GIB = 2**30
 
-MODES = [("LoRA r32", True, "lora"), ("full", False, "full")]
-REAL = dict(text=dict(vocab_size=250000), vision=dict(image_size=256), image=(384, 128), batch=24)
+REAL = dict(text=dict(vocab_size=250000), vision=dict(image_size=256), image=(384, 128))
 SMALL = dict(
     text=dict(vocab_size=32000, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4),
     vision=dict(image_size=256, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4),
     image=(128, 48),
-    batch=8,
 )
+#: Dense bf16 tensor-core peak (no sparsity) by device-name fragment, TFLOP/s, from the vendors' data sheets.
+PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "A100": 312.0, "RTX 3060": 51.2}
+
+BEFORE = [
+    "backbone.freeze.token_embedding=false",
+    "optimizer.fused=false",
+    "backbone.compile=false",
+    "backbone.gradient_checkpointing=false",
+]
+ALL = ["backbone.compile=true", "backbone.gradient_checkpointing=false"]
+NO_DROPOUT = ["backbone.text_config.attention_dropout=0.0", "++backbone.vision_config.attention_dropout=0.0"]
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    lora: bool
+    overrides: tuple[str, ...]
+    batch: int = 24
+    sync_every_step: bool = False  # the non-finite check read on the host after every step (the code before)
+    cap_gib: float | None = None
+    bare: bool = False
+    eager_twin: str | None = None  # the variant whose losses this one must reproduce
+
+    @property
+    def key(self) -> str:
+        return f"{'lora' if self.lora else 'full'}:{self.name}"
+
+
+def _variants() -> list[Variant]:
+    """In priority order (a time limit keeps the first ones): the goals' rows first, then one lever at a time."""
+    eager = ("backbone.compile=false", "backbone.gradient_checkpointing=false")
+    out = []
+    for lora, cap in ((False, 12.0), (True, 8.0)):
+        out += [
+            Variant("before", lora, tuple(BEFORE), sync_every_step=True, bare=True),
+            Variant("all", lora, tuple(ALL), bare=True, eager_twin="all-eager"),
+            Variant("all-eager", lora, eager),
+            Variant(f"all-cap{cap:.0f}GiB", lora, tuple(ALL), cap_gib=cap),
+        ]
+    frozen = ("backbone.freeze.token_embedding=true", *BEFORE[1:])
+    out += [
+        Variant("all-b128", False, tuple(ALL), batch=128),
+        Variant("all-b128", True, tuple(ALL), batch=128),
+        Variant("frozen-emb", False, frozen, sync_every_step=True),
+        Variant("frozen-emb+fused", False, (frozen[0], "optimizer.fused=true", *BEFORE[2:]), sync_every_step=True),
+        Variant("all+8bit", False, (*ALL, "optimizer.type=bitsandbytes.optim.AdamW8bit")),
+        Variant("all+ckpt", False, (ALL[0], "backbone.gradient_checkpointing=true")),
+        # Compiled vs eager with dropout off: the loss difference is then the compiler's numerics alone.
+        Variant("no-dropout", False, (*ALL, *NO_DROPOUT), eager_twin="no-dropout-eager"),
+        Variant("no-dropout-eager", False, (*eager, *NO_DROPOUT)),
+    ]
+    return out
 
 
 def write_backbone(shape: dict, out_dir: Path) -> Path:
@@ -50,63 +121,70 @@ def write_backbone(shape: dict, out_dir: Path) -> Path:
     return out_dir
 
 
-def make_config(backbone_dir: Path, shape: dict, lora: bool, precision: str):
+def make_config(backbone_dir: Path, shape: dict, variant: Variant, precision: str):
     height, width = shape["image"]
     overrides = [
         f"backbone.path={backbone_dir}",
         f"img_size_str='({height},{width})'",
-        f"dataset.batch_size={shape['batch']}",
+        f"dataset.batch_size={variant.batch}",
         "loss.strategy=auxiliary_cross",
         "loss.CIR=true",
         "loss.circle_loss_weight=0.1",
         f"++trainer.precision={precision}",
-        *(["lora=cir"] if lora else []),
+        *(["lora=cir"] if variant.lora else []),
+        *variant.overrides,
     ]
     with initialize_config_dir(config_dir=str(ROOT / "config"), version_base="1.3"):
         return compose(config_name="cir_msiglip", overrides=overrides)
 
 
-def make_batches(shape: dict, steps: int, vocab: int) -> list[dict[str, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(0)
-    batch, (height, width) = shape["batch"], shape["image"]
+class BatchPool(torch.utils.data.Dataset):
+    """`steps` training batches cycling through `distinct` generated ones (pinned on CUDA), as the loader yields."""
 
-    def images() -> torch.Tensor:
-        return torch.randn(batch, 3, height, width, generator=generator)
-
-    ids = torch.randint(3, vocab, (batch, 64), generator=generator)
-    ids[:, -8:] = 1  # right padding with </s>, as the tokenizer produces
-    pids = torch.arange(batch // 4).repeat_interleave(4)  # identity sampler: P identities x 4 instances
-    pin = torch.cuda.is_available()  # both loops then copy from page-locked memory
-    return [
-        {key: value.pin_memory() if pin else value for key, value in batch.items()}
-        for batch in (
-            {
-                "images": images(),
-                "aug_images": images(),
-                "ss_images1": images(),
-                "ss_images2": images(),
-                "caption_input_ids": ids.clone(),
-                "pids": pids.clone(),
-            }
-            for _ in range(steps)
-        )
-    ]
-
-
-class _Batches(torch.utils.data.Dataset):
-    def __init__(self, batches):
-        self.batches = batches
+    def __init__(self, shape: dict, batch: int, steps: int, distinct: int = 4):
+        generator = torch.Generator().manual_seed(0)
+        height, width = shape["image"]
+        self.steps, self.pool = steps, []
+        for _ in range(distinct):
+            ids = torch.randint(3, shape["text"]["vocab_size"], (batch, 64), generator=generator)
+            ids[:, -8:] = 1  # right padding with </s>, as the tokenizer produces
+            item = {view: torch.randn(batch, 3, height, width, generator=generator) for view in VIEWS}
+            item |= {"caption_input_ids": ids, "pids": torch.arange(batch // 4).repeat_interleave(4)}
+            self.pool.append({k: v.pin_memory() if torch.cuda.is_available() else v for k, v in item.items()})
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return self.steps
 
     def __getitem__(self, index: int):
-        return self.batches[index]
+        return self.pool[index % len(self.pool)]
 
 
-class _Timer(L.Callback):
-    def __init__(self, warmup: int):
-        self.warmup, self.start, self.end = warmup, None, None
+VIEWS = ("images", "aug_images", "ss_images1", "ss_images2")
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _peak_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / GIB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB; process-wide high-water mark
+
+
+def _reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+class _Recorder(L.Callback):
+    """Starts the clock after warm-up and keeps each step's loss on the device (no synchronisation per step)."""
+
+    def __init__(self, warmup: int, sync_every_step: bool):
+        self.warmup, self.sync_every_step = warmup, sync_every_step
+        self.start = None
+        self.losses: list[torch.Tensor] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == self.warmup:
@@ -115,32 +193,17 @@ class _Timer(L.Callback):
             self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        _sync()
-        self.end = time.perf_counter()
+        self.losses.append(outputs["loss"].detach())
+        if self.sync_every_step:
+            pl_module.check_finite()  # what the code did before: a host read of the loss after every step
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _reset_peak() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _peak_gib() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB; process-wide high-water mark
-
-
-def run_lightning(cfg, batches, warmup: int) -> dict:
+def run_lightning(cfg, variant: Variant, pool: BatchPool, warmup: int) -> dict:
     torch.manual_seed(0)
     module = TBPSLitModule(cfg)
-    timer = _Timer(warmup)
+    recorder = _Recorder(warmup, variant.sync_every_step)
     trainer = L.Trainer(
-        max_steps=len(batches),
+        max_steps=len(pool),
         precision=cfg.trainer.precision,
         accelerator="auto",
         devices=1,
@@ -150,110 +213,204 @@ def run_lightning(cfg, batches, warmup: int) -> dict:
         enable_model_summary=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        callbacks=[timer],
+        callbacks=[recorder],
     )
-    loader = torch.utils.data.DataLoader(_Batches(batches), batch_size=None, shuffle=False, pin_memory=True)
+    loader = torch.utils.data.DataLoader(pool, batch_size=None, shuffle=False, pin_memory=torch.cuda.is_available())
     trainer.fit(module, train_dataloaders=loader)
-    timed = len(batches) - warmup
+    _sync()
+    elapsed = time.perf_counter() - recorder.start
     result = {
-        "samples_per_s": timed * batches[0]["pids"].numel() / (timer.end - timer.start),
+        "samples_per_s": (len(pool) - warmup) * variant.batch / elapsed,
         "peak_gib": _peak_gib(),
         "trainable": sum(p.numel() for p in module.parameters() if p.requires_grad),
+        "losses": [float(loss) for loss in recorder.losses],
+        "checkpointing": bool(module.model.backbone.is_gradient_checkpointing),
     }
     del module, trainer
     return result
 
 
-def run_bare(cfg, batches, warmup: int) -> dict:
+def _step(model, objective, batch, autocast):
+    with autocast:
+        feats = model(batch, aug_view=objective.needs_aug_view, ss_views=objective.needs_ss_views)
+        loss = torch.stack(list(objective(feats, StepContext(epoch=0.0)).values())).sum()
+    loss.backward()
+    return loss
+
+
+def run_bare(cfg, variant: Variant, pool: BatchPool, warmup: int) -> dict:
+    """The same model, objective and optimizer with the same levers, trained by a plain loop."""
     torch.manual_seed(0)
-    module = TBPSLitModule(cfg)  # the same model and objective, trained without Lightning
+    module = TBPSLitModule(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, objective = module.model.to(device).train(), module.objective
+    if cfg.backbone.gradient_checkpointing:
+        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.backbone.compile:
+        compile_towers(model.backbone)
     optimizer = build_optimizer(cfg.optimizer, model)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.trainer.precision.startswith("bf16"))
     start = None
-    for step, batch in enumerate(batches):
+    for step in range(len(pool)):
         if step == warmup:
             _sync()
             _reset_peak()
             start = time.perf_counter()
-        batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-        with autocast:
-            feats = model(batch, aug_view=objective.needs_aug_view, ss_views=objective.needs_ss_views)
-            loss = torch.stack(list(objective(feats, StepContext(epoch=0.0)).values())).sum()
-        loss.backward()
+        batch = {key: value.to(device, non_blocking=True) for key, value in pool[step].items()}
+        loss = _step(model, objective, batch, autocast)
+        if variant.sync_every_step:
+            bool(torch.isfinite(loss))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     _sync()
     elapsed = time.perf_counter() - start
-    result = {"samples_per_s": (len(batches) - warmup) * batches[0]["pids"].numel() / elapsed, "peak_gib": _peak_gib()}
+    result = {"samples_per_s": (len(pool) - warmup) * variant.batch / elapsed, "peak_gib": _peak_gib()}
     del module, model, optimizer
     return result
+
+
+def flops_per_sample(cfg, pool: BatchPool) -> float:
+    """Model FLOPs of one eager forward and backward, per sample (matrix products and attention, as counted)."""
+    torch.manual_seed(0)
+    module = TBPSLitModule(cfg)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, objective = module.model.to(device).train(), module.objective
+    batch = {key: value.to(device) for key, value in pool[0].items()}
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.trainer.precision.startswith("bf16"))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        _step(model, objective, batch, autocast)
+    del module, model
+    return counter.get_total_flops() / batch["pids"].numel()
 
 
 def _free() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+def peak_tflops(device: str) -> float | None:
+    return next((peak for fragment, peak in PEAK_BF16_TFLOPS.items() if fragment in device), None)
+
+
+@dataclass
+class Report:
+    device: str
+    header: str
+    rows: list[dict] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    def write(self, out: Path, tag: str) -> None:
+        lines = [
+            self.header,
+            "",
+            "| variant | batch | trainable | samples/s | vs before | peak GiB | ckpt | TFLOP/s | MFU | bare samples/s "
+            "| Lightning/bare | max rel. loss diff vs eager |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in self.rows:
+            lines.append(
+                f"| {row['variant']} | {row['batch']} | {row['trainable']:,} | {row['samples_per_s']:.1f} | "
+                f"{_fmt(row.get('speedup'), '{:.2f}x')} | {row['peak_gib']:.2f} | "
+                f"{'on' if row['checkpointing'] else 'off'} | {_fmt(row.get('tflops'), '{:.0f}')} | "
+                f"{_fmt(row.get('mfu'), '{:.1%}')} | "
+                f"{_fmt(row.get('bare_samples_per_s'), '{:.1f}')} | {_fmt(row.get('ratio'), '{:.3f}')} | "
+                f"{_fmt(row.get('loss_rel_diff'), '{:.1e}')} |"
+            )
+        lines += [f"- failed: {failure}" for failure in self.failures]
+        atomic_write_text(out / f"train_throughput_{tag}.md", "\n".join(lines) + "\n")
+        atomic_write_json(
+            out / f"train_throughput_{tag}.json", {"device": self.device, "rows": self.rows, "failures": self.failures}
+        )
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else spec.format(value)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--small", action="store_true", help="reduced shapes for a CPU")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=12, help="timed steps after warm-up")
+    parser.add_argument("--small", action="store_true", help="reduced shapes and fp32 (CPU smoke run)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps (compilation happens here)")
+    parser.add_argument("--steps", type=int, default=15, help="timed steps after warm-up")
+    parser.add_argument("--variants", nargs="+", help="mode:variant keys to run (default: all, in order)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    parser.add_argument(
-        "--modes",
-        nargs="+",
-        choices=["lora", "full"],
-        default=["lora", "full"],
-        help="one mode per process gives each its own CPU peak RSS",
-    )
     args = parser.parse_args(argv)
     register_schema()
     cuda = torch.cuda.is_available()
     shape = SMALL if args.small or not cuda else REAL
-    precision = "bf16-mixed" if cuda else "32-true"
+    precision = "bf16-mixed" if cuda and not args.small else "32-true"
     device = torch.cuda.get_device_name() if cuda else "cpu"
-    rows = []
+    variants = [v for v in _variants() if not args.variants or v.key in args.variants]
+    if not cuda:  # CUDA-only levers, and a CPU smoke run keeps to the goals' rows
+        variants = [v for v in variants if v.cap_gib is None and "8bit" not in v.name and v.batch < 128]
+    height, width = shape["image"]
+    peak = peak_tflops(device)
+    report = Report(
+        device,
+        f"Device: {device} (dense bf16 peak {peak or 'unknown'} TFLOP/s); "
+        f"{'real multilingual architecture' if shape is REAL else 'reduced shapes'}, {height}x{width}, {precision}, "
+        f"{args.steps} timed steps after {args.warmup}; torch {torch.__version__}; peak = "
+        f"{'GPU memory allocated' if cuda else 'process RSS'}. MFU = model FLOPs per sample x samples/s / peak.",
+    )
+    tag = "cuda" if cuda else "cpu"
+    flops: dict[tuple[bool, int], float] = {}
+    done: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         backbone_dir = write_backbone(shape, Path(tmp) / "backbone")
-        batches = make_batches(shape, args.warmup + args.steps, shape["text"]["vocab_size"])
-        for mode, lora in [(name, lora) for name, lora, key in MODES if key in args.modes]:
-            cfg = make_config(backbone_dir, shape, lora, precision)
-            bare = run_bare(cfg, batches, args.warmup)
+        for variant in variants:
+            pool = BatchPool(shape, variant.batch, args.warmup + args.steps)
+            cfg = make_config(backbone_dir, shape, variant, precision)
+            if (variant.lora, variant.batch) not in flops:
+                flops[(variant.lora, variant.batch)] = flops_per_sample(cfg, pool)
+                _free()
+            if variant.cap_gib is not None:
+                total = torch.cuda.get_device_properties(0).total_memory
+                torch.cuda.set_per_process_memory_fraction(min(1.0, variant.cap_gib * GIB / total))
+            try:
+                row = run_lightning(cfg, variant, pool, args.warmup)
+            except Exception as error:  # out of memory, a missing optional package: report it, run the others
+                print(f"{variant.key}: FAILED {type(error).__name__}: {str(error).splitlines()[0][:300]}", flush=True)
+                report.failures.append(f"{variant.key} (batch {variant.batch}): {type(error).__name__}")
+                _free()
+                continue
             _free()
-            lit = run_lightning(cfg, batches, args.warmup)
-            _free()
-            rows.append(
-                {"mode": mode, "lightning": lit, "bare": bare, "ratio": lit["samples_per_s"] / bare["samples_per_s"]}
-            )
+            row |= {"variant": variant.key, "batch": variant.batch}
+            if variant.eager_twin:
+                row["eager_twin"] = f"{variant.key.split(':')[0]}:{variant.eager_twin}"
+            if variant.bare:
+                bare = run_bare(cfg, variant, pool, args.warmup)
+                _free()
+                row |= {"bare_samples_per_s": bare["samples_per_s"], "bare_peak_gib": bare["peak_gib"]}
+                row["ratio"] = row["samples_per_s"] / bare["samples_per_s"]
+            row["flops_per_sample"] = flops[(variant.lora, variant.batch)]
+            row["tflops"] = row["flops_per_sample"] * row["samples_per_s"] / 1e12
+            row["mfu"] = row["tflops"] / peak if peak else None
+            base = done.get(f"{'lora' if variant.lora else 'full'}:before")
+            row["speedup"] = row["samples_per_s"] / base["samples_per_s"] if base else None
+            done[variant.key] = row
+            report.rows.append(row)
+            for earlier in report.rows:
+                _compare(earlier, done)
+            report.write(args.out, tag)
             print(
-                f"{mode}: lightning {lit['samples_per_s']:.1f} samples/s ({lit['peak_gib']:.2f} GiB), bare "
-                f"{bare['samples_per_s']:.1f} samples/s ({bare['peak_gib']:.2f} GiB), ratio {rows[-1]['ratio']:.3f}",
+                f"{variant.key} b{variant.batch}: {row['samples_per_s']:.1f} samples/s, {row['peak_gib']:.2f} GiB, "
+                f"MFU {_fmt(row['mfu'], '{:.1%}')}, vs before {_fmt(row['speedup'], '{:.2f}x')}, "
+                f"bare ratio {_fmt(row.get('ratio'), '{:.3f}')}",
                 flush=True,
             )
-    height, width = shape["image"]
-    memory = "peak GPU memory allocated" if cuda else "peak process RSS (high-water mark, cumulative)"
-    lines = [
-        f"Device: {device}; {'real multilingual architecture' if shape is REAL else 'reduced shapes'}, "
-        f"{height}x{width}, batch {shape['batch']}, {precision}, {args.steps} timed steps after {args.warmup}; "
-        f"memory = {memory}.",
-        "",
-        "| mode | trainable params | Lightning samples/s | bare samples/s | ratio | Lightning GiB | bare GiB |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        lit, bare = row["lightning"], row["bare"]
-        lines.append(
-            f"| {row['mode']} | {lit['trainable']:,} | {lit['samples_per_s']:.1f} | "
-            f"{bare['samples_per_s']:.1f} | {row['ratio']:.3f} | {lit['peak_gib']:.2f} | {bare['peak_gib']:.2f} |"
+    print(Path(args.out / f"train_throughput_{tag}.md").read_text())
+
+
+def _compare(row: dict, done: dict) -> None:
+    """Largest relative difference of the per-step total losses from the eager twin (compiled vs eager)."""
+    twin = done.get(row["eager_twin"]) if row.get("eager_twin") else None
+    if twin:
+        row["loss_rel_diff"] = max(
+            abs(a - b) / max(abs(b), 1e-12) for a, b in zip(row["losses"], twin["losses"]) if math.isfinite(b)
         )
-    tag = ("cuda" if cuda else "cpu") + ("" if len(args.modes) == 2 else "_" + args.modes[0])
-    atomic_write_text(args.out / f"train_throughput_{tag}.md", "\n".join(lines) + "\n")
-    atomic_write_json(args.out / f"train_throughput_{tag}.json", {"device": device, "shape": str(shape), "rows": rows})
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ class DatasetSettings:
     # identity sampler: chunks (re-ID convention: drops n mod K, pads small identities) | all (each sample once)
     sampler_coverage: str = "chunks"
     test_batch_size: int = 512
-    num_workers: int = 2
+    # DataLoader workers; unset: enough to feed a GPU (utils.config.default_num_workers), at most the cores less one.
+    num_workers: int = "${default_num_workers:}"  # type: ignore[assignment]
     val_identities: int = 0  # held out from train when the dataset has no validation split (0: require one)
     proportion: float | None = None  # e.g. 0.1: train on one fold of the identities (data-efficiency runs)
     fold_id: int = 0  # which fold, 0 .. int(1 / proportion) - 1

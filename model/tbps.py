@@ -46,6 +46,7 @@ class TBPS(nn.Module):
         *,
         freeze_vision: bool = False,
         freeze_text: bool = False,
+        freeze_token_embedding: bool = False,
         interpolate_pos_encoding: bool = False,
     ):
         """Args:
@@ -53,6 +54,7 @@ class TBPS(nn.Module):
         heads: Which optional heads to build.
         freeze_vision: Keep the vision tower's weights fixed.
         freeze_text: Keep the text tower's weights fixed.
+        freeze_token_embedding: Keep the text token embedding fixed (no gradient, no optimizer state).
         interpolate_pos_encoding: Interpolate vision positions on every call (CLIP at a non-native size).
         """
         super().__init__()
@@ -63,6 +65,8 @@ class TBPS(nn.Module):
         for tower, frozen in ((backbone.vision_model, freeze_vision), (backbone.text_model, freeze_text)):
             if frozen:  # never re-enable: LoRA may already have frozen the base weights
                 tower.requires_grad_(False)
+        if freeze_token_embedding:
+            backbone.text_model.embeddings.token_embedding.requires_grad_(False)
         dim = self.embed_dim
         self.simclr_mlp = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim)) if heads.simclr else None
         self.classifier = IdentityClassifier(dim, heads.num_classes) if heads.num_classes else None

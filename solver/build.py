@@ -35,6 +35,9 @@ OPTIMIZERS: dict[str, tuple[str, str]] = {
     "bitsandbytes.optim.AdamW8bit": ("bitsandbytes.optim", "AdamW8bit"),
 }
 
+#: Optimizers with a fused implementation (`optimizer.fused`).
+FUSABLE = ("torch.optim.AdamW", "torch.optim.Adam")
+
 
 @dataclass
 class ParamGroupSettings:
@@ -60,6 +63,9 @@ class OptimizerSettings:
     # adds a group from the command line (OmegaConf cannot add a new entry to a dict of dataclasses); the keys are
     # checked by `problems`.
     param_groups: dict[str, Any] = field(default_factory=dict)
+    # torch's fused (single-kernel) Adam/AdamW. null (auto): on when every trainable parameter is on a CUDA device;
+    # ignored by the other optimizers.
+    fused: bool | None = None
 
     def problems(self) -> list[str]:
         valid = {f.name for f in dataclasses.fields(ParamGroupSettings)}
@@ -184,4 +190,8 @@ def build_optimizer(optimizer_cfg: Mapping[str, Any], model: nn.Module) -> torch
     }
     if "betas" in defaults:
         defaults["betas"] = tuple(defaults["betas"])
+    if optimizer_cfg["type"] in FUSABLE:
+        fused = optimizer_cfg.get("fused")
+        on_cuda = all(p.is_cuda for group in groups for p in group["params"])
+        defaults["fused"] = on_cuda if fused is None else bool(fused)
     return optimizer_cls(groups, **defaults)

@@ -13,11 +13,13 @@ import json
 import os
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from omegaconf import OmegaConf
 
 from tests.conftest import CONFIG_DIR, TOP_LEVEL_CONFIGS, compose_config
+from utils.config import WORKERS_TO_FEED_THE_GPU
 
 SNAPSHOT = Path(__file__).parent / "data" / "resolved_configs.json"
 #: Groups whose options are composed into every top-level config (parity is covered by tests/test_parity.py).
@@ -66,7 +68,9 @@ def _cases() -> list[tuple[str, list[str]]]:
 
 
 def _resolved(name: str, overrides: list[str]) -> dict:
-    return OmegaConf.to_container(compose_config(name, overrides), resolve=True)
+    # dataset.num_workers defaults to a count of this machine's cores: resolved as on a GPU server (9+ cores).
+    with mock.patch("utils.config.default_num_workers", lambda: WORKERS_TO_FEED_THE_GPU):
+        return OmegaConf.to_container(compose_config(name, overrides), resolve=True)
 
 
 def _key(name: str, overrides: list[str]) -> str:
