@@ -12,6 +12,7 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
@@ -94,6 +95,14 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str = "run", callbacks: Sequ
         callbacks=[*own_callbacks, *callbacks],
         **trainer_kwargs(cfg),
     )
+    if trainer.world_size > 1:  # each process says where it runs, before the nodes meet (or wait for each other)
+        log.info(
+            "process %d of %d: node %d, local rank %d",
+            trainer.global_rank,
+            trainer.world_size,
+            trainer.node_rank,
+            trainer.local_rank,
+        )
     if cfg.eval_before_train:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
@@ -157,6 +166,39 @@ def run_name_of(config_name: str, overrides: list[str]) -> str:
     return "_".join(parts)[:128]
 
 
+def launcher_overrides(overrides: Sequence[str]) -> list[str]:
+    """Hydra overrides for one of several processes that torchrun or SLURM's srun started (none otherwise).
+
+    Every such process runs Hydra itself. Left alone, each would create its own timestamped run folder (nodes start
+    at different times), and the best checkpoint, saved by rank 0, would be missing where the other ranks read it
+    back for the final test: the command must name the run folder, the same for all. In that shared folder rank 0
+    writes the config snapshot (`.hydra/`) and `trainer.log`; the other ranks write their log to `trainer_rank<R>.log`
+    and no snapshot, instead of appending to and rewriting rank 0's files (Lightning does the same for the processes
+    it starts itself).
+
+    Raises:
+        ConfigError: several processes were launched and `hydra.run.dir` is not set.
+    """
+    for environment in (TorchElasticEnvironment, SLURMEnvironment):  # Lightning's order: torchrun inside SLURM wins
+        if environment.detect():
+            cluster = environment()
+            break
+    else:
+        return []
+    if cluster.world_size() == 1:
+        return []
+    if not any(override.lstrip("+").startswith("hydra.run.dir=") for override in overrides):
+        raise ConfigError(
+            [
+                f"{cluster.world_size()} processes were launched ({type(cluster).__name__}) but hydra.run.dir is not "
+                "set, so each would write to its own timestamped folder; add hydra.run.dir=<folder on storage every "
+                "node sees>, the same for every process (e.g. hydra.run.dir=/shared/runs/$SLURM_JOB_ID)."
+            ]
+        )
+    rank = cluster.global_rank()
+    return [] if rank == 0 else [f"hydra.job.name=trainer_rank{rank}", "hydra.output_subdir=null"]
+
+
 @hydra.main(version_base="1.3", config_path="config", config_name="train")
 def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
@@ -182,5 +224,11 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv = [sys.argv[0], *with_original_names(sys.argv[1:])]  # loss.simclr=true -> loss.SS=true
+    arguments = with_original_names(sys.argv[1:])  # loss.simclr=true -> loss.SS=true
+    try:
+        arguments += launcher_overrides(arguments)
+    except ConfigError as error:  # before Hydra starts: no process creates a folder of its own
+        print(user_message(error), file=sys.stderr)
+        raise SystemExit(2) from None
+    sys.argv = [sys.argv[0], *arguments]
     main()
