@@ -75,9 +75,10 @@ class SlurmRequeue(Callback):
     before the progress counters, or with a gradient half accumulated, so the resumed run repeats or loses a batch.
     Here the handler only notes the signal; at the end of the next optimizer step, where weights, optimizer, schedule,
     loop progress, sampler position and random state agree, every process writes `last.ckpt` (the file every other
-    resume reads), rank 0 runs `scontrol requeue`, and training stops as on SIGTERM. The requeued job runs the same
-    command in the same run folder and resumes from that file (`resume_checkpoint`). Under DDP the processes agree on
-    the step (one all-reduce per optimizer step).
+    resume reads), rank 0 runs `scontrol requeue`, and training stops as on SIGTERM. In an epoch's last step the
+    epoch's validation and its checkpoints (`last.ckpt` included) come first, and the job stops as the next epoch
+    starts. The requeued job runs the same command in the same run folder and resumes from that file
+    (`resume_checkpoint`). Under DDP the processes agree on the step (one all-reduce per optimizer step).
 
     The signal is acted on while training; one that arrives in the final test is not (the job then ends at its time
     limit, and rerunning the command re-tests from the final `last.ckpt`).
@@ -107,15 +108,46 @@ class SlurmRequeue(Callback):
     def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
         self._step_at_start = trainer.global_step
 
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if trainer.global_step == self._step_at_start:
-            return  # gradients still accumulating: not a point a run can resume from
-        if not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
-            return
-        trainer.save_checkpoint(self.last)
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        batch_idx = args[-1]
+        if trainer.global_step == self._step_at_start or ends_epoch(trainer, batch_idx):
+            return  # gradients still accumulating, or the epoch's validation and checkpoints come next
+        if trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
+            trainer.save_checkpoint(self.last)
+            self._requeue_and_stop(trainer)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Signalled in an epoch's last step or its validation: the end of that epoch wrote last.ckpt (and the best
+        # checkpoint), after this callback's hooks would have run.
+        if trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
+            self._requeue_and_stop(trainer)
+
+    def _requeue_and_stop(self, trainer: L.Trainer) -> None:
         if trainer.is_global_zero:
             _requeue(slurm_job_id(), self.last)
         raise SIGTERMException()
+
+
+def ends_epoch(trainer: L.Trainer, batch_idx: int) -> bool:
+    """Whether training batch `batch_idx` is its epoch's last.
+
+    Lightning runs the epoch's validation after that batch; a checkpoint written before it would resume in the next
+    epoch with that validation skipped (its loops count the epoch as done), so the resume point is written at the
+    epoch's end instead.
+    """
+    return batch_idx + 1 >= trainer.num_training_batches
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """`last.ckpt` every `every_n_train_steps` optimizer steps, except after an epoch's last batch (`ends_epoch`): the
+    epoch-end checkpoint follows it.
+    """
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not ends_epoch(trainer, batch_idx):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 
 def slurm_job_id() -> str:
@@ -269,7 +301,7 @@ def training_callbacks(cfg: DictConfig, checkpoint_dir: Path) -> tuple[ModelChec
         # steps or by epochs, hence a second one). A run resumed from it continues inside the epoch
         # (TBPSDataModule.train_position).
         callbacks.append(
-            ModelCheckpoint(
+            StepCheckpoint(
                 dirpath=checkpoint_dir,
                 filename="last",
                 monitor=None,

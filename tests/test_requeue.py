@@ -168,18 +168,30 @@ def restore_sigusr1():
     signal.signal(signal.SIGUSR1, previous)
 
 
-def test_requeue_signal_saves_at_the_next_step_requeues_and_stops(demo_root, tmp_path, monkeypatch, restore_sigusr1):
+@pytest.mark.parametrize(
+    ("signal_after", "saved_at", "validated"),
+    [
+        (2, 3, False),  # the signal arrives in step 3 of 4: saved at its end, mid-epoch
+        # In the epoch's last step: stopped after the epoch's validation and checkpoints, as epoch 1 starts.
+        (3, 4, True),
+    ],
+)
+def test_requeue_signal_saves_at_the_next_step_requeues_and_stops(
+    demo_root, tmp_path, monkeypatch, restore_sigusr1, signal_after, saved_at, validated
+):
     env, record = _slurm_env(tmp_path)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    overrides = ("trainer.max_epochs=1", "+trainer.limit_train_batches=4", "dataset.test_batch_size=512")
+    overrides = ("trainer.max_epochs=2", "+trainer.limit_train_batches=4", "dataset.test_batch_size=512")
+    cfg = compose_config("demo", demo_overrides(demo_root, *overrides))
     with pytest.raises(SIGTERMException):  # trainer.py exits 143, as on SIGTERM
-        train(compose_config("demo", demo_overrides(demo_root, *overrides)), tmp_path, callbacks=[_SignalAt(2)])
+        train(cfg, tmp_path / "run", callbacks=[_SignalAt(signal_after)])
     assert record.read_text().split() == ["requeue", JOB_ID]
-    # The signal arrived after step 2's checkpoint hooks: the resume point is step 3, not the epoch's end.
-    assert _state(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 3
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert _state(checkpoints / "last.ckpt")["global_step"] == saved_at
+    assert bool(list(checkpoints.glob("epoch00-*.ckpt"))) == validated
     assert not list(tmp_path.rglob("hpc_ckpt_*.ckpt"))  # Lightning's own requeue is off
-    assert not (tmp_path / "results.json").exists()
+    assert not (tmp_path / "run" / "results.json").exists()
 
 
 def _trainer_command(demo_root: Path) -> list[str]:
@@ -294,3 +306,25 @@ def test_resumed_sampler_yields_the_rest_of_the_epoch_with_its_repeat_tags():
     assert list(resumed) == epoch2[3 * batch :]  # iterating again (Lightning may) starts at the same place
     resumed.set_epoch(3)
     assert list(resumed) == epoch3
+
+
+def test_training_loader_is_resumable_the_way_lightning_restores_loaders(demo_root):
+    """Lightning saves a loader's `state_dict()` with its loops and calls `load_state_dict` before iterating it."""
+    from lightning.fabric.utilities.types import _Stateful
+
+    from lightning_data import build_datamodule
+
+    cfg = compose_config("demo", demo_overrides(demo_root, "dataset.batch_size=16"))
+
+    def epoch_items(position: dict[str, int] | None = None) -> list[list[tuple[int, int]]]:
+        """Per batch, (dataset index, augmentation seed) of each item: the seed tells repeats apart."""
+        loader = build_datamodule(cfg).train_dataloader()
+        assert isinstance(loader, _Stateful)  # so Lightning does not warn that the loader cannot resume mid-epoch
+        if position is None:
+            loader.sampler.set_epoch(1)
+        else:
+            loader.load_state_dict(position)
+        return [list(zip(batch["index"].tolist(), batch["sample_seeds"].tolist())) for batch in loader]
+
+    uninterrupted = epoch_items()
+    assert epoch_items({"epoch": 1, "batches_done": 5}) == uninterrupted[5:]
