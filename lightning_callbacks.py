@@ -217,11 +217,7 @@ def _differing_keys(saved: Any, current: Any, path: str = "") -> list[str]:
     if not isinstance(saved, dict) or not isinstance(current, dict):
         return [] if saved == current or path == "ckpt_path" else [path]
     keys = sorted(set(saved) | set(current), key=str)
-    return [
-        key
-        for k in keys
-        for key in _differing_keys(saved.get(k), current.get(k), f"{path}{k}" if not path else f"{path}.{k}")
-    ]
+    return [key for k in keys for key in _differing_keys(saved.get(k), current.get(k), f"{path}.{k}" if path else k)]
 
 
 class QueryLimit(Callback):
