@@ -1,21 +1,29 @@
-"""What a training run adds to `lightning.Trainer`: checkpoint writing and selection, the logger, the resume hint,
-early stopping, and the evaluation limits that cut queries but never the gallery.
+"""What a training run adds to `lightning.Trainer`: checkpoint writing and selection, resuming (SLURM requeue
+included), the logger, the resume hint, early stopping, and the evaluation limits that cut queries but never the
+gallery.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import subprocess
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from config_schema import checkpoint_problems
+from utils.config import ConfigError
 from utils.io import atomic_write
 
 log = logging.getLogger(__name__)
@@ -46,10 +54,170 @@ class ResumeHint(Callback):
             return  # other errors are reported by what raised them; resuming would not fix them
         last = Path(self.latest.dirpath) / "last.ckpt"
         where = f"Training stopped at epoch {trainer.current_epoch}, step {trainer.global_step}"
-        if last.is_file():
-            log.error("%s. Resume from the last completed epoch with the same command plus ckpt_path=%s", where, last)
-        else:
-            log.error("%s, before the first epoch ended: no checkpoint to resume from; rerun the command.", where)
+        if not last.is_file():
+            log.error("%s, before a checkpoint was written: nothing to resume from; rerun the command.", where)
+            return
+        again = ""
+        if last.parent == Path(trainer.default_root_dir).resolve() / "checkpoints":
+            again = f", or rerun it with hydra.run.dir={trainer.default_root_dir} (a run folder resumes by itself)"
+        log.error("%s. Resume from the last checkpoint with the same command plus ckpt_path=%s%s", where, last, again)
+
+
+#: The signal `#SBATCH --signal=SIGUSR1@90` sends before SLURM stops a job (time limit, preemption).
+REQUEUE_SIGNAL = signal.SIGUSR1
+
+
+class SlurmRequeue(Callback):
+    """Under SLURM, the requeue signal saves the resume point at the next optimizer step, requeues the job and stops.
+
+    Lightning's own handler (`SLURMEnvironment(auto_requeue=True)`, switched off by `trainer_plugins`) saves
+    `hpc_ckpt_N.ckpt` from inside the signal handler, wherever the step happens to be: after the optimizer step but
+    before the progress counters, or with a gradient half accumulated, so the resumed run repeats or loses a batch.
+    Here the handler only notes the signal; at the end of the next optimizer step, where weights, optimizer, schedule,
+    loop progress, sampler position and random state agree, every process writes `last.ckpt` (the file every other
+    resume reads), rank 0 runs `scontrol requeue`, and training stops as on SIGTERM. In an epoch's last step the
+    epoch's validation and its checkpoints (`last.ckpt` included) come first, and the job stops as the next epoch
+    starts. The requeued job runs the same command in the same run folder and resumes from that file
+    (`resume_checkpoint`). Under DDP the processes agree on the step (one all-reduce per optimizer step).
+
+    The signal is acted on while training; one that arrives in the final test is not (the job then ends at its time
+    limit, and rerunning the command re-tests from the final `last.ckpt`).
+
+    Args:
+        last: The resume checkpoint to write.
+    """
+
+    def __init__(self, last: Path) -> None:
+        self.last = last
+        self.signalled = False
+        self._previous: Any = None
+        self._step_at_start = 0
+
+    def _note(self, signum: int, frame: FrameType | None) -> None:
+        self.signalled = True
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._previous = signal.signal(REQUEUE_SIGNAL, self._note)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and self._previous is not None:
+            signal.signal(REQUEUE_SIGNAL, self._previous)
+            self._previous = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self._step_at_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        batch_idx = args[-1]
+        if trainer.global_step == self._step_at_start or ends_epoch(trainer, batch_idx):
+            return  # gradients still accumulating, or the epoch's validation and checkpoints come next
+        if trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
+            trainer.save_checkpoint(self.last)
+            self._requeue_and_stop(trainer)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Signalled in an epoch's last step or its validation: the end of that epoch wrote last.ckpt (and the best
+        # checkpoint), after this callback's hooks would have run.
+        if trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
+            self._requeue_and_stop(trainer)
+
+    def _requeue_and_stop(self, trainer: L.Trainer) -> None:
+        if trainer.is_global_zero:
+            _requeue(slurm_job_id(), self.last)
+        raise SIGTERMException()
+
+
+def ends_epoch(trainer: L.Trainer, batch_idx: int) -> bool:
+    """Whether training batch `batch_idx` is its epoch's last.
+
+    Lightning runs the epoch's validation after that batch; a checkpoint written before it would resume in the next
+    epoch with that validation skipped (its loops count the epoch as done), so the resume point is written at the
+    epoch's end instead.
+    """
+    return batch_idx + 1 >= trainer.num_training_batches
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """`last.ckpt` every `every_n_train_steps` optimizer steps, except after an epoch's last batch (`ends_epoch`): the
+    epoch-end checkpoint follows it.
+    """
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not ends_epoch(trainer, batch_idx):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+def slurm_job_id() -> str:
+    """The id `scontrol requeue` takes: `<array job>_<task>` in a job array, else the job id."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array_job:
+        return f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ["SLURM_JOB_ID"]
+
+
+def _requeue(job_id: str, last: Path) -> None:
+    try:
+        done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, check=False)
+    except OSError as error:
+        log.error("Saved %s, but cannot requeue SLURM job %s (%s): resubmit the job to resume.", last, job_id, error)
+        return
+    if done.returncode:
+        log.error(
+            "Saved %s, but `scontrol requeue %s` failed (%s): resubmit the job to resume.",
+            last,
+            job_id,
+            (done.stderr or done.stdout).strip() or f"status {done.returncode}",
+        )
+    else:
+        log.warning("Requeue signal: saved %s and requeued SLURM job %s, which resumes from it.", last, job_id)
+
+
+def trainer_plugins() -> list[Any]:
+    """Plugins of a training `lightning.Trainer`: atomic checkpoint writes; under SLURM, no Lightning auto-requeue
+    (`SlurmRequeue` does it at a step boundary).
+    """
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return plugins
+
+
+def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
+    """The checkpoint a training run resumes from: `ckpt_path` when given, else the run folder's own
+    `checkpoints/last.ckpt` (a requeued job, or the command run again with the same `hydra.run.dir`), else none.
+
+    A run folder's checkpoint of another configuration is refused: the run folder is not this run's.
+    """
+    if cfg.ckpt_path:
+        return cfg.ckpt_path
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        return None
+    if problems := checkpoint_problems(last):
+        raise ConfigError(problems)
+    saved = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {}).get("cfg")
+    differing = _differing_keys(saved or {}, OmegaConf.to_container(cfg, resolve=True))
+    if differing:
+        shown = ", ".join(differing[:5]) + (", ..." if len(differing) > 5 else "")
+        raise ConfigError(
+            [
+                f"{last} is the resume point of a run with another configuration ({shown} differ): pass a new "
+                f"hydra.run.dir for a new run, or ckpt_path={last} to continue that run with this configuration."
+            ]
+        )
+    log.info("Resuming from %s, found in the run folder (a requeued or repeated job); ckpt_path=... overrides", last)
+    return str(last)
+
+
+def _differing_keys(saved: Any, current: Any, path: str = "") -> list[str]:
+    """Dotted keys whose values differ between two configs (`ckpt_path`, which names the resume point, excepted)."""
+    if not isinstance(saved, dict) or not isinstance(current, dict):
+        return [] if saved == current or path == "ckpt_path" else [path]
+    keys = sorted(set(saved) | set(current), key=str)
+    return [key for k in keys for key in _differing_keys(saved.get(k), current.get(k), f"{path}.{k}" if path else k)]
 
 
 class QueryLimit(Callback):
@@ -104,11 +272,14 @@ def training_callbacks(cfg: DictConfig, checkpoint_dir: Path) -> tuple[ModelChec
     """The checkpoint kept as the best epoch, and every callback of a training run (that one included)."""
     # epoch03-val_score29.37.ckpt (best on validation t2i R1). No "=" in the name (Lightning's default): Hydra would
     # then need the path quoted in `ckpt_path=...`.
+    settings = cfg.logger.checkpoint
     best = ModelCheckpoint(
         dirpath=checkpoint_dir,
         filename="epoch{epoch:02d}-val_score{val_score:.2f}",
         auto_insert_metric_name=False,
-        **cfg.logger.checkpoint,
+        monitor=settings.monitor,
+        mode=settings.mode,
+        save_top_k=settings.save_top_k,
     )
     # last.ckpt, rewritten after every epoch: the resume point. Lightning's save_last only refreshes it in epochs
     # that also save a best checkpoint, so after a plateau it would hold an old epoch.
@@ -121,6 +292,22 @@ def training_callbacks(cfg: DictConfig, checkpoint_dir: Path) -> tuple[ModelChec
         save_on_train_epoch_end=True,  # also in epochs without validation (check_val_every_n_epoch > 1)
     )
     callbacks = [best, latest, ResumeHint(latest), LearningRateMonitor(logging_interval="step"), QueryLimit()]
+    if settings.every_n_train_steps:
+        # The same file every N optimizer steps, mid-epoch included (Lightning triggers a ModelCheckpoint either by
+        # steps or by epochs, hence a second one). A run resumed from it continues inside the epoch
+        # (TBPSDataModule.train_position).
+        callbacks.append(
+            StepCheckpoint(
+                dirpath=checkpoint_dir,
+                filename="last",
+                monitor=None,
+                save_top_k=1,
+                enable_version_counter=False,
+                every_n_train_steps=settings.every_n_train_steps,
+            )
+        )
+    if SLURMEnvironment.detect():
+        callbacks.append(SlurmRequeue(Path(latest.dirpath) / "last.ckpt"))
     stopping = {key: value for key, value in cfg.early_stopping.items() if value is not None}
     if stopping:
         callbacks.append(EarlyStopping(monitor="val_score", mode="max", **stopping))

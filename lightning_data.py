@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -13,11 +14,11 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, DistributedSampler
 
 from data.collate import collate_text, collate_train
-from data.datasets import EpochTaggedSampler, ImageDataset, ImageTextDataset, TextDataset
+from data.datasets import ImageDataset, ImageTextDataset, TextDataset
 from data.images import check_images
 from data.readers import DatasetSplits, EvalSplit
 from data.registry import load_splits
-from data.samplers import IdentitySampler, StridedShardSampler
+from data.samplers import IdentitySampler, ResumableSampler, StridedShardSampler
 from data.splits import hold_out_identities
 from data.subsets import identity_fold
 from data.text import CaptionTokenizer
@@ -60,19 +61,38 @@ class TBPSDataModule(L.LightningDataModule):
         self.simclr_views = simclr_views
         self.mlm_probability = mlm_probability
         self.splits: DatasetSplits | None = None
-        self.start_epoch = 0
+        #: Where training starts: `{"epoch": e, "batches_done": k}` (a resumed run: read from its checkpoint).
+        self.start: dict[str, int] = {"epoch": 0, "batches_done": 0}
         #: Per evaluation stage ("val", "test"): the trainer's limit, applied to the queries only (QueryLimit).
         self.query_limits: dict[str, int | float] = {}
         #: Stages whose queries the limit cut (their i2t ranks only the images of the kept captions' people).
         self.limited_stages: set[str] = set()
 
     def state_dict(self) -> dict[str, Any]:
-        """Saved in checkpoints: the number of training epochs done, where a resumed run starts."""
-        trainer = self.trainer
-        return {"epochs_done": trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0}
+        """Saved in checkpoints: where a run resumed from this checkpoint starts (`train_position`)."""
+        return self.train_position()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.start_epoch = int(state_dict.get("epochs_done", 0))
+        # Lightning restores the data module before it builds the loaders: the training loader starts here.
+        epoch = state_dict.get("epoch", state_dict.get("epochs_done", 0))  # epochs_done: written before mid-epoch
+        self.start = {"epoch": int(epoch), "batches_done": int(state_dict.get("batches_done", 0))}
+
+    def train_position(self) -> dict[str, int]:
+        """The training epoch under way and how many of its batches are trained, from Lightning's loop progress.
+
+        A checkpoint written mid-epoch (every N steps, on a SLURM signal) resumes after those batches; one written at
+        an epoch's end (or after its last batch, at validation) resumes at the next epoch's start.
+        """
+        if self.trainer is None:
+            return {"epoch": 0, "batches_done": 0}
+        loop = self.trainer.fit_loop
+        epochs = loop.epoch_progress.current
+        epoch, done = epochs.processed, 0
+        if epochs.started > epochs.processed:  # inside an epoch
+            done = loop.epoch_loop.batch_progress.current.processed
+            if done >= self.trainer.num_training_batches:
+                epoch, done = epoch + 1, 0
+        return {"epoch": epoch, "batches_done": done}
 
     def setup(self, stage: str | None = None) -> None:
         """Read the dataset; `stage="test"` (evaluating a checkpoint) needs only the test records."""
@@ -153,14 +173,15 @@ class TBPSDataModule(L.LightningDataModule):
             sampler = DistributedSampler(
                 dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.cfg.seed, drop_last=True
             )
-        tagged = EpochTaggedSampler(sampler)
+        resumable = ResumableSampler(sampler, data.batch_size)
         # Lightning starts this loader's iterator (estimating the schedule's length) before it restores its loops and
-        # calls set_epoch, and worker processes prefetch at once: the sampler must already hold the epoch training
-        # starts at, which a resumed run knows from the checkpoint (`load_state_dict`).
-        tagged.set_epoch(self.start_epoch)
-        return DataLoader(
+        # calls set_epoch, and worker processes prefetch at once: the sampler must already stand where training
+        # starts, which a resumed run knows from the checkpoint (`load_state_dict`).
+        resumable.resume_at(self.start["epoch"], self.start["batches_done"])
+        return TrainLoader(
             dataset,
-            sampler=tagged,
+            position=self.train_position,
+            sampler=resumable,
             batch_size=data.batch_size,
             num_workers=data.num_workers,
             collate_fn=partial(collate_train, tokenizer=self.tokenizer, mlm_probability=self.mlm_probability),
@@ -216,6 +237,31 @@ class TBPSDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> list[DataLoader]:
         return self._eval_loaders(self.splits.test, "test")
+
+
+class TrainLoader(DataLoader):
+    """The training DataLoader, resumable mid-epoch in Lightning's sense (`state_dict` / `load_state_dict`).
+
+    Its state is the training position (`TBPSDataModule.train_position`), which Lightning's fit loop saves with every
+    checkpoint; loading it starts the `ResumableSampler` there. Lightning 2.6 only loads loader states when it builds
+    the loader after restoring its loops, which it does not when `configure_optimizers` reads
+    `estimated_stepping_batches` (Lightning issue #20550): the data module's own state, restored first, positions the
+    sampler then. Either way the loader starts at the same place.
+
+    Args:
+        position: Returns the current training position (`{"epoch": e, "batches_done": k}`).
+        *args, **kwargs: DataLoader's; `sampler` must be a `ResumableSampler`.
+    """
+
+    def __init__(self, *args: Any, position: Callable[[], dict[str, int]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.position = position
+
+    def state_dict(self) -> dict[str, int]:
+        return self.position()
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.sampler.resume_at(state_dict["epoch"], state_dict["batches_done"])
 
 
 def _limited(total: int, limit: int | float, batch: int, world: int) -> int:

@@ -19,11 +19,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from config_schema import checkpoint_problems, register_schema, validate_config, with_original_names
 from lightning_callbacks import (
-    AtomicCheckpointIO,
     QueryLimit,
     build_logger,
     checkpoint_dir_of,
+    resume_checkpoint,
     trainer_kwargs,
+    trainer_plugins,
     training_callbacks,
 )
 from lightning_data import TBPSDataModule, build_datamodule
@@ -68,6 +69,8 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str = "run", callbacks: Sequ
     `callbacks` are added to the trainer's own (checkpointing, learning-rate monitor, early stopping).
     """
     validate_config(cfg)
+    # A requeued job (or the same command with the same hydra.run.dir) resumes from the run folder's last.ckpt.
+    resume_from = resume_checkpoint(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True)
     ensure_demo_assets(cfg)
 
@@ -91,7 +94,7 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str = "run", callbacks: Sequ
     trainer = L.Trainer(
         default_root_dir=run_dir,
         logger=build_logger(cfg, run_dir, run_name),
-        plugins=[AtomicCheckpointIO()],
+        plugins=trainer_plugins(),
         callbacks=[*own_callbacks, *callbacks],
         **trainer_kwargs(cfg),
     )
@@ -103,9 +106,9 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str = "run", callbacks: Sequ
             trainer.node_rank,
             trainer.local_rank,
         )
-    if cfg.eval_before_train:
+    if cfg.eval_before_train and resume_from is None:
         trainer.validate(module, datamodule=datamodule, verbose=False)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     module.eval_labels["test"] = " (last epoch)"
     trainer.test(module, datamodule=datamodule, verbose=False)
     test_last = module.eval_results["test"]

@@ -7,11 +7,12 @@ import math
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from itertools import chain, zip_longest
+from itertools import chain, islice, zip_longest
 
 import numpy as np
 import torch
 
+from data.datasets import EpochTaggedSampler
 from utils.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -215,3 +216,39 @@ class StridedShardSampler(torch.utils.data.Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices)
+
+
+class ResumableSampler(EpochTaggedSampler):
+    """An `EpochTaggedSampler` that can start an epoch part-way, where a run stopped mid-epoch left it.
+
+    `resume_at(epoch, batches_done)` makes the next iteration of `epoch` yield that epoch's order (the wrapped
+    sampler's, a function of the seed and the epoch) without its first `batches_done` batches, so a resumed run sees
+    exactly the batches the uninterrupted run saw next. The skipped items are still drawn and tagged, so the repeat
+    counts of the items that follow are the uninterrupted run's. Selecting another epoch (`set_epoch`, which
+    Lightning calls before every epoch) starts that one from its beginning.
+
+    `len()` stays the whole epoch: Lightning's restored batch counter goes on from `batches_done`, and it ends the
+    epoch when the iterator runs out.
+
+    Args:
+        sampler: The epoch's order (with `set_epoch`).
+        batch_size: Items per batch (the loader drops incomplete batches, so positions are whole batches).
+    """
+
+    def __init__(self, sampler: torch.utils.data.Sampler[int], batch_size: int) -> None:
+        super().__init__(sampler)
+        self.batch_size = batch_size
+        self.start = 0  # items of `self.epoch` to skip
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.start = 0
+        super().set_epoch(epoch)
+
+    def resume_at(self, epoch: int, batches_done: int) -> None:
+        """Start `epoch` after its first `batches_done` batches (0: from its beginning)."""
+        self.set_epoch(epoch)
+        self.start = batches_done * self.batch_size
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        return islice(super().__iter__(), self.start, None)

@@ -38,6 +38,7 @@ SCHEMA_ADDED = {
     ("scheduler", "power"): 0.9,  # options.get("power", 0.9)
     ("scheduler", "gamma"): 0.1,  # options.get("gamma", 0.1)
     ("scheduler", "milestones"): [0.5, 0.75],  # options.get("milestones", (0.5, 0.75))
+    ("logger", "checkpoint", "every_n_train_steps"): 0,  # last.ckpt after every epoch only
 }
 
 
