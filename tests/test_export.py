@@ -230,7 +230,11 @@ def test_prepare_checkpoints_exports_a_trained_run(demo_root, tmp_path):
             exported.get_image_features(**processor(images, return_tensors="pt")).pooler_output, dim=-1
         )
         text_hf = F.normalize(exported.get_text_features(input_ids=texts["input_ids"], **mask).pooler_output, dim=-1)
-    assert torch.equal((text_hf @ image_hf.T).argsort(dim=1), (text_ours @ image_ours.T).argsort(dim=1))
+    sim_ours, sim_hf = text_ours @ image_ours.T, text_hf @ image_hf.T
+    torch.testing.assert_close(sim_hf, sim_ours, atol=1e-5, rtol=0)
+    # Evaluation's ranking orders the export's scores too (two scores within float round-off may swap).
+    in_our_order = sim_hf.gather(1, sim_ours.argsort(dim=1, descending=True))
+    assert bool((in_our_order[:, 1:] <= in_our_order[:, :-1] + 1e-6).all())
 
 
 # ---------------------------------------------------------------- adapter folder (peft format)
