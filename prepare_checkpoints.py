@@ -3,6 +3,7 @@
     uv run prepare_checkpoints.py                      # download google/siglip-base-patch16-256-multilingual
     uv run prepare_checkpoints.py --tiny               # build the offline tiny SigLIP used by the demo
     uv run prepare_checkpoints.py --export RUN/checkpoints/last.ckpt --out my_model   # trained model -> HF folder
+        # my_model/: merged model + model card; my_model/adapter/: a LoRA run's adapter alone (peft format)
 
 The download is idempotent (files already present are not fetched again) and lands in `m_siglip_checkpoints/`,
 the `backbone.path` of `backbone=m_siglip`.
@@ -11,6 +12,7 @@ the `backbone.path` of `backbone=m_siglip`.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -21,10 +23,12 @@ from data.readers import DatasetNotFoundError
 from data.synthetic import SyntheticSpec, all_captions, ensure_vn3k
 from model.backbone import check_model_dir
 from model.checkpoints import TinyCheckpointSpec, write_tiny_checkpoint
+from model.model_card import TrainingRecipe
 
 log = logging.getLogger("prepare_checkpoints")
 
 MULTILINGUAL_REPO = "google/siglip-base-patch16-256-multilingual"
+DEFAULT_DOWNLOAD_DIR = "m_siglip_checkpoints"
 #: What this project reads from the checkpoint (weights, config, SentencePiece tokenizer, image preprocessing).
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "spiece.model"]
 
@@ -81,33 +85,138 @@ def ensure_demo_assets(cfg: DictConfig) -> None:
         build_tiny(Path(cfg.backbone.path), root / "VN3K", TinyCheckpointSpec(**tiny))
 
 
-def export(checkpoint: Path, out_dir: Path) -> Path:
-    """Write a trained Lightning checkpoint as a plain Hugging Face model folder (LoRA merged, tokenizer, processor).
+#: Caption languages (ISO 639-1) of each `dataset.dataset_name`, for the model card.
+CAPTION_LANGUAGES = {
+    "VN3K_VI": ("vi",),
+    "VN3K_EN": ("en",),
+    "VN3K_MIXED": ("vi", "en"),
+    "TEN_PERCENT_CUHK_VN3K_MIX": ("en", "vi"),
+    "CUHK-PEDES": ("en",),
+    "ICFG-PEDES": ("en",),
+    "RSTPReid": ("en",),
+}
+#: The dataset each name reads, for the model card's `datasets` field.
+DATASET_IDS = {
+    "VN3K_VI": ("VN3K",),
+    "VN3K_EN": ("VN3K",),
+    "VN3K_MIXED": ("VN3K",),
+    "TEN_PERCENT_CUHK_VN3K_MIX": ("CUHK-PEDES", "VN3K"),
+}
+
+
+def base_model_name(path: Path) -> str:
+    """The base checkpoint's name for an adapter: the hub id downloaded into the default folder, else the folder."""
+    if path.name == DEFAULT_DOWNLOAD_DIR:
+        return MULTILINGUAL_REPO
+    return str(path)
+
+
+def run_results(checkpoint: Path) -> dict | None:
+    """The test table of `checkpoint` from its run's `results.json` (beside `checkpoints/`), or None.
+
+    `results.json` holds the test of the selected checkpoint (`test`) and of the last epoch (`test_last`); a table is
+    returned only when it belongs to `checkpoint`.
+    """
+    for folder in (checkpoint.parent.parent, checkpoint.parent):
+        path = folder / "results.json"
+        if not path.is_file():
+            continue
+        try:
+            results = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            log.warning("%s is not valid JSON; the model card says 'not evaluated'", path)
+            return None
+        best = results.get("best_checkpoint")
+        if best and Path(best).resolve() == checkpoint.resolve():
+            return results.get("test")
+        if checkpoint.name == "last.ckpt":
+            return results.get("test_last")
+    return None
+
+
+def training_recipe(cfg: DictConfig, objective_summary: str, checkpoint: Path) -> TrainingRecipe:
+    """What the model card reports about the run's config."""
+    from model.lora import LoraSettings
+
+    if cfg.get("lora"):
+        lora = LoraSettings.from_mapping(cfg.lora)
+        logits = "; logit scale and bias trained" if lora.train_logit_params else ""
+        fine_tuning = (
+            f"LoRA r {lora.r}, alpha {lora.lora_alpha}, dropout {lora.lora_dropout} on `{lora.target_modules}`{logits}"
+        )
+    else:
+        fine_tuning = "full fine-tuning"
+    name = str(cfg.dataset.dataset_name)
+    details = [
+        f"Batch {cfg.dataset.batch_size} x accumulation {cfg.trainer.get('accumulate_grad_batches') or 1}; "
+        f"optimizer `{cfg.optimizer.type}`, "
+        f"lr {cfg.optimizer.param_groups.default.lr}; seed {cfg.seed}",
+    ]
+    synthetic = bool(cfg.dataset.get("synthetic"))
+    return TrainingRecipe(
+        fine_tuning=fine_tuning,
+        objective=objective_summary,
+        epochs=int(cfg.trainer.max_epochs),
+        checkpoint=checkpoint.name,
+        dataset=f"{name} (generated demo data)" if synthetic else name,
+        languages=CAPTION_LANGUAGES.get(name, ("en",)),
+        dataset_ids=() if synthetic else DATASET_IDS.get(name, (name,)),
+        details=tuple(details),
+    )
+
+
+def export(checkpoint: Path, out_dir: Path, base_model: str | None = None) -> Path:
+    """Write a trained Lightning checkpoint as a Hugging Face model folder (LoRA merged, tokenizer, processor, card).
 
     Square training sizes load with `transformers.AutoModel.from_pretrained(out_dir)`; person-shaped sizes (e.g.
-    384x128) need `model.export.load_exported(out_dir)`, which restores the resized position grid.
+    384x128) need `model.export.load_exported(out_dir)`, which restores the resized position grid (the model card
+    shows the same in plain transformers). A LoRA run's adapter alone goes to `out_dir/adapter/` (peft format), its
+    `base_model_name_or_path` being `base_model` (default: `base_model_name` of the run's backbone folder).
     """
     from data.text import CaptionTokenizer
     from lightning_models import TBPSLitModule
+    from model.adapter_export import AdapterBase
     from model.export import export_model
+    from model.model_card import CardFacts
 
     if not checkpoint.is_file():
         raise SystemExit(f"--export {checkpoint}: no such checkpoint file.")
     module = TBPSLitModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
     cfg = module.cfg
-    tokenizer = CaptionTokenizer.from_pretrained(
-        cfg.tokenizer.pretrained_model_name_or_path, cfg.tokenizer.model_max_length
-    )
+
+    def load_tokenizer() -> CaptionTokenizer:
+        return CaptionTokenizer.from_pretrained(
+            cfg.tokenizer.pretrained_model_name_or_path, cfg.tokenizer.model_max_length
+        )
+
+    tokenizer = load_tokenizer()
     if module.objective.needs_masked_captions:
         tokenizer.add_mask_token()
+    base_path = Path(cfg.backbone.path)
+    name = base_model or base_model_name(base_path)
+    image_size = tuple(cfg.backbone.image_size)
+    results = run_results(checkpoint)
+    card = CardFacts(
+        model_id=str(out_dir),
+        base_model=name,
+        image_size=image_size,
+        text_length=int(cfg.tokenizer.model_max_length),
+        text_attention_mask=bool(cfg.tokenizer.use_attention_mask),
+        recipe=training_recipe(cfg, module.objective.describe(), checkpoint),
+        test_results=results,
+    )
+    if results is None:
+        log.info("No results.json of %s found beside it: the model card says 'not evaluated'", checkpoint)
     return export_model(
         module.model,
         tokenizer.tokenizer,
         out_dir,
-        image_size=tuple(cfg.backbone.image_size),
+        image_size=image_size,
         mean=list(cfg.aug.img.mean),
         std=list(cfg.aug.img.std),
         text_attention_mask=bool(cfg.tokenizer.use_attention_mask),
+        adapter_base=AdapterBase(base_path, name, load_tokenizer().tokenizer),
+        card=card,
     )
 
 
@@ -120,6 +229,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tiny", action="store_true", help="build the offline tiny SigLIP instead of downloading")
     parser.add_argument("--export", type=Path, metavar="CKPT", help="export a trained Lightning checkpoint to --out")
     parser.add_argument(
+        "--base-model",
+        metavar="NAME",
+        help="the base model's hub id for the LoRA adapter's adapter_config.json and the model card (default: "
+        f"{MULTILINGUAL_REPO} for the {DEFAULT_DOWNLOAD_DIR} folder, else the run's backbone folder)",
+    )
+    parser.add_argument(
         "--data-root", type=Path, default=Path("demo_assets"), help="where the embedded dataset lives (for --tiny)"
     )
     args = parser.parse_args(argv)
@@ -127,12 +242,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.export:
         if args.out is None:
             parser.error("--export needs --out <folder>")
-        path = export(args.export, args.out)
+        path = export(args.export, args.out, args.base_model)
     elif args.tiny:
         dataset_dir = ensure_vn3k(args.data_root, SyntheticSpec())
         path = build_tiny(args.out or args.data_root / "tiny_siglip", dataset_dir, TinyCheckpointSpec())
     else:
-        path = download(args.repo_id, args.out or Path("m_siglip_checkpoints"))
+        path = download(args.repo_id, args.out or Path(DEFAULT_DOWNLOAD_DIR))
     log.info("Checkpoint ready: %s", path)
 
 

@@ -1,8 +1,11 @@
 """Image transforms for training, evaluation and SimCLR views, built from plain config mappings.
 
-Every pipeline resizes with bicubic interpolation and antialiasing, so train and eval images are resampled the same
-way (docs/seed_differences.md). Augmentations run on float tensors in [0, 1], after ``to tensor`` and before
-normalisation, which is where erasing-type transforms must run.
+The training and evaluation pipelines resize the decoded uint8 tensor with torchvision (bicubic, antialiased), so train
+and eval images are resampled the same way, and exactly as transformers' default (torchvision-backed) image processor
+resizes: an exported model's `preprocessor_config.json` gives evaluation's pixel values (docs/seed_differences.md).
+PIL's bicubic differs (it rounds and clips between its two passes), by up to a dozen grey levels on sharp edges.
+SimCLR views crop and resize PIL images: they are training-only and heavily augmented. Augmentations run on float
+tensors in [0, 1], after ``to tensor`` and before normalisation, which is where erasing-type transforms must run.
 
 Randomness comes from torch's global generator; `data.datasets.ImageTextDataset` seeds it per sample.
 """
@@ -134,8 +137,13 @@ class RandomSubset:
         return f"{type(self).__name__}(k={self.k}, pool=[{pool}])"
 
 
-def _resize(size: tuple[int, int]) -> v2.Transform:
-    return v2.Resize(tuple(size), interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+def _resize_to_float(size: tuple[int, int]) -> list[v2.Transform]:
+    """PIL image -> uint8 tensor -> bicubic antialiased resize (torchvision rounds and clamps to uint8) -> [0, 1]."""
+    return [
+        v2.ToImage(),
+        v2.Resize(tuple(size), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.ToDtype(torch.float32, scale=True),
+    ]
 
 
 def _to_float_tensor() -> list[v2.Transform]:
@@ -178,7 +186,7 @@ def build_train_transform(
     augment: Mapping[str, Mapping[str, Any] | None],
     random_k: int,
 ) -> v2.Compose:
-    """Resize -> to tensor -> ``random_k`` augmentations of the pool -> normalise.
+    """To uint8 tensor -> resize -> to float -> ``random_k`` augmentations of the pool -> normalise.
 
     Args:
         size: Output (H, W).
@@ -191,16 +199,16 @@ def build_train_transform(
         A transform from a PIL image to a float tensor of shape (3, H, W).
     """
     pool = [build_augmentation(name, size, kwargs) for name, kwargs in augment.items()]
-    return v2.Compose([_resize(size), *_to_float_tensor(), RandomSubset(pool, random_k), *_normalize(mean, std)])
+    return v2.Compose([*_resize_to_float(size), RandomSubset(pool, random_k), *_normalize(mean, std)])
 
 
 def build_eval_transform(size: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
-    """Resize -> to tensor -> normalise; deterministic.
+    """To uint8 tensor -> resize -> to float -> normalise; deterministic (transformers' image processor's pipeline).
 
     Returns:
         A transform from a PIL image to a float tensor of shape (3, H, W).
     """
-    return v2.Compose([_resize(size), *_to_float_tensor(), *_normalize(mean, std)])
+    return v2.Compose([*_resize_to_float(size), *_normalize(mean, std)])
 
 
 def build_simclr_transform(size: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> v2.Compose:

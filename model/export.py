@@ -16,6 +16,11 @@ transformers can only build square grids, and no square grid has 192 positions. 
 CLIP keeps its native grid (it interpolates per call, `model.backbone.needs_per_call_interpolation`), so its
 export is always an ordinary checkpoint. At a non-native size, call it with `interpolate_pos_encoding=True`, as
 training did.
+
+Beside the merged weights, a LoRA run's adapter alone goes to `adapter/` in peft's format
+(`model.adapter_export`), and every folder gets a model card `README.md` (`model.model_card`), so
+`huggingface-cli upload` publishes the folder as it is. The image processor resizes exactly as evaluation does
+(`data.transforms`: both run torchvision's bicubic antialiased resize on the uint8 image).
 """
 
 from __future__ import annotations
@@ -31,7 +36,16 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_model
 from transformers import AutoConfig, AutoModel, PreTrainedModel, PreTrainedTokenizerBase, SiglipImageProcessor
 
-from model.backbone import check_image_size, check_model_dir, has_class_token, resize_image_positions
+from model.adapter_export import ADAPTER_DIR, AdapterBase, AdapterExportError, export_adapter
+from model.backbone import (
+    check_image_size,
+    check_model_dir,
+    has_class_token,
+    needs_per_call_interpolation,
+    resize_image_positions,
+)
+from model.lora import has_lora
+from model.model_card import CARD_FILE, CardFacts, adapter_card, merged_card
 from model.tbps import TBPS
 
 log = logging.getLogger(__name__)
@@ -70,14 +84,18 @@ def export_model(
     mean: Sequence[float],
     std: Sequence[float],
     text_attention_mask: bool = False,
+    adapter_base: AdapterBase | None = None,
+    card: CardFacts | None = None,
 ) -> Path:
     """Write `model`'s backbone as a Hugging Face model directory, atomically; return `out_dir`.
 
-    The directory holds `config.json` + `model.safetensors` (LoRA merged), the tokenizer files and
-    `preprocessor_config.json`: a `SiglipImageProcessor` that resizes to `image_size` (bicubic) and normalises with
-    `mean` / `std`, as evaluation does. Load it with `load_exported` (any size) or, for a square size, with
-    `transformers.AutoModel.from_pretrained`; either gives the embeddings of `model.encode_image` /
-    `model.encode_text`.
+    The directory holds `config.json` + `model.safetensors` (LoRA merged), the tokenizer files,
+    `preprocessor_config.json` (a `SiglipImageProcessor` that resizes to `image_size` as evaluation does and
+    normalises with `mean` / `std`) and a model card `README.md`. Load it with `load_exported` (any size) or, for a
+    square size, with `transformers.AutoModel.from_pretrained`; either gives the embeddings of `model.encode_image` /
+    `model.encode_text`. With LoRA and `adapter_base`, `adapter/` holds the adapter alone in peft's format (see
+    `model.adapter_export`); when the run changed what an adapter cannot carry, the log and the card say so and
+    only the merged model is written.
 
     Args:
         model: The trained model; only `model.backbone` is exported (the training heads are not part of search).
@@ -88,6 +106,8 @@ def export_model(
         std: Per-channel normalisation std of training.
         text_attention_mask: Whether training masked text pads; recorded as `text_config.tbps_text_attention_mask`
             so that search encodes queries the same way.
+        adapter_base: The base checkpoint of a LoRA run, for the adapter folder (None: no adapter folder).
+        card: What the model card reports (None: the size and base checkpoint only).
 
     Raises:
         FileExistsError: when `out_dir` exists.
@@ -96,13 +116,21 @@ def export_model(
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"Export directory {out_dir} already exists; choose a new out_dir or delete it.")
+    image_size = (int(image_size[0]), int(image_size[1]))
     backbone = merged_backbone(model.backbone)
     setattr(backbone.config.text_config, TEXT_MASK_FIELD, bool(text_attention_mask))
     if not has_class_token(backbone):
-        record_position_grid(backbone, tuple(image_size))
+        record_position_grid(backbone, image_size)
     height, width = image_size
     processor = SiglipImageProcessor(
         size={"height": height, "width": width}, image_mean=list(mean), image_std=list(std)
+    )
+    card = card or CardFacts(
+        model_id=str(out_dir),
+        base_model=str(getattr(backbone.config, "_name_or_path", "") or "unknown"),
+        image_size=image_size,
+        text_length=int(backbone.config.text_config.max_position_embeddings),
+        text_attention_mask=bool(text_attention_mask),
     )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -110,12 +138,47 @@ def export_model(
         backbone.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         processor.save_pretrained(staging)
+        adapter_line = _write_adapter(model, backbone, adapter_base, staging, image_size, processor, card, out_dir)
+        grid = getattr(backbone.config.vision_config, GRID_FIELD, None)
+        interpolate = needs_per_call_interpolation(backbone, image_size)
+        text = merged_card(card, grid=grid, interpolate=interpolate, adapter_line=adapter_line)
+        (staging / CARD_FILE).write_text(text, encoding="utf-8")
         staging.rename(out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     log.info("Exported %s (%dx%d inputs) to %s", type(backbone).__name__, height, width, out_dir)
     return out_dir
+
+
+def _write_adapter(
+    model: TBPS,
+    merged: PreTrainedModel,
+    base: AdapterBase | None,
+    staging: Path,
+    image_size: tuple[int, int],
+    processor: SiglipImageProcessor,
+    card: CardFacts,
+    out_dir: Path,
+) -> str:
+    """Write `staging/adapter/` for a LoRA run when it can carry the run; return the merged card's line about it."""
+    if not has_lora(model.backbone):
+        log.info("Full fine-tuning run: no adapter folder (the merged model in %s is the whole model)", out_dir)
+        return "Trained with full fine-tuning: there is no adapter, this folder is the whole model."
+    if base is None:
+        return "Trained with LoRA; the adapter alone was not exported."
+    adapter_dir = staging / ADAPTER_DIR
+    try:
+        written = export_adapter(model.backbone, merged, base, adapter_dir, image_size)
+    except AdapterExportError as error:
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+        log.warning("No adapter folder: %s", error)
+        return f"Trained with LoRA; no adapter folder: {error}"
+    processor.save_pretrained(adapter_dir)
+    adapter_id = str(out_dir / ADAPTER_DIR)
+    text = adapter_card(card, adapter_id=adapter_id, interpolate=written.interpolate_pos_encoding)
+    (adapter_dir / CARD_FILE).write_text(text, encoding="utf-8")
+    return f"Trained with LoRA: `{ADAPTER_DIR}/` holds the adapter alone (peft format) for `{card.base_model}`."
 
 
 def record_position_grid(backbone: PreTrainedModel, image_size: tuple[int, int]) -> None:

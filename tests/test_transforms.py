@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from data import transforms
@@ -49,8 +50,10 @@ def test_train_output_shape_dtype_range(image: Image.Image, random_k: int) -> No
 
 def test_eval_matches_bicubic_reference_and_is_deterministic(image: Image.Image) -> None:
     out = build_eval_transform(SIZE, MEAN, STD)(image)
-    resized = np.asarray(image.resize((SIZE[1], SIZE[0]), Image.Resampling.BICUBIC), dtype=np.float32) / 255
-    reference = torch.from_numpy((resized - 0.5) / 0.5).permute(2, 0, 1)
+    # torch's antialiased bicubic on the uint8 image (the resize transformers' torchvision image processors run).
+    pixels = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)[None]
+    resized = F.interpolate(pixels, size=SIZE, mode="bicubic", antialias=True, align_corners=False)
+    reference = (resized[0].float() / 255 - 0.5) / 0.5
     torch.testing.assert_close(out, reference, atol=1e-6, rtol=0)
     torch.testing.assert_close(build_eval_transform(SIZE, MEAN, STD)(image), out, atol=0, rtol=0)
     bilinear = np.asarray(image.resize((SIZE[1], SIZE[0]), Image.Resampling.BILINEAR), dtype=np.float32) / 255
