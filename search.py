@@ -7,7 +7,7 @@
 
 `index` encodes every jpg/png/webp under the folder (batched, on the GPU when present) and, run again, encodes only
 new or changed files. `query` and `web` use the model recorded in the index unless --model names the same weights.
-Search runs on the backend the index was built with (--backend at indexing; auto: exact faiss-flat up to 200,000
+Search runs on the backend the index was built with (--backend at indexing; auto: exact faiss-flat up to 50,000
 images, approximate faiss-ivf above). --follow-links also indexes links that lead outside the folder.
 """
 

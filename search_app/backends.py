@@ -27,11 +27,12 @@ from torch import Tensor
 
 MATMUL, FLAT, IVF, AUTO = "matmul", "faiss-flat", "faiss-ivf", "auto"
 BACKENDS = (MATMUL, FLAT, IVF)
-#: Largest gallery `auto` searches exactly (measured: see the module docstring).
-EXACT_UP_TO = 200_000
-#: Share of the lists a query scans: recall@10 >= 0.98 at 100k and 1M rows (measured, see above).
+#: Largest gallery `auto` searches exactly: where exact faiss search of one query reaches 100 ms on the shared 2-core
+#: benchmark machine (bench/results/search_scale_cpu.md).
+EXACT_UP_TO = 50_000
+#: Share of the lists a query scans: the smallest power-of-two share with recall@10 >= 0.98 at 100k (measured).
 NPROBE_FRACTION = 1 / 8
-#: Training points per list: faiss's k-means warns below 39; more only slows training without better recall here.
+#: Training points per list: faiss's k-means warns below 39; training time grows with it.
 TRAIN_POINTS_PER_LIST = 64
 #: Re-indexing retrains the lists once the gallery has this many times the rows they were trained with.
 RETRAIN_GROWTH = 4.0
