@@ -7,6 +7,8 @@
 
 `index` encodes every jpg/png/webp under the folder (batched, on the GPU when present) and, run again, encodes only
 new or changed files. `query` and `web` use the model recorded in the index unless --model names the same weights.
+Search runs on the backend the index was built with (--backend at indexing; auto: exact faiss-flat up to 50,000
+images, approximate faiss-ivf above). --follow-links also indexes links that lead outside the folder.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from search_app.backends import AUTO, BACKENDS, EXACT_UP_TO
 from search_app.grid import results_grid
 from search_app.index import build_index
 from search_app.query import format_results, open_search, read_queries, search
@@ -41,6 +44,13 @@ def _model_arguments(parser: argparse.ArgumentParser, *, required: bool) -> None
         default=None,
         help="mask text pads (default: what the checkpoint or exported folder recorded from training)",
     )
+    parser.add_argument(
+        "--backend",
+        choices=(AUTO, *BACKENDS),
+        default=AUTO,
+        help=f"search engine; auto: the index's, or for a new index faiss-flat (exact) up to {EXACT_UP_TO:,} images "
+        "and faiss-ivf (approximate) above. Another backend than the index's is refused",
+    )
 
 
 def _index_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +59,12 @@ def _index_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2, help="image-decoding processes")
     parser.add_argument("--skip-unreadable", action="store_true", help="leave undecodable images out")
+    parser.add_argument(
+        "--follow-links",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also index (and serve) images that links lead to outside the folder (default: the index's, else no)",
+    )
 
 
 def _run_index(args: argparse.Namespace) -> None:
@@ -60,10 +76,13 @@ def _run_index(args: argparse.Namespace) -> None:
         workers=args.workers,
         text_attention_mask=args.text_attention_mask,
         skip_unreadable=args.skip_unreadable,
+        backend=args.backend,
+        follow_links=args.follow_links,
     )
     print(
         f"{report.total} images indexed ({report.encoded} encoded, {report.reused} unchanged, "
-        f"{report.removed} removed, {len(report.skipped)} unreadable skipped) in {args.index}"
+        f"{report.removed} removed, {len(report.skipped)} unreadable skipped) in {args.index} "
+        f"(backend {report.backend})"
     )
 
 
@@ -79,7 +98,9 @@ def _query_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_query(args: argparse.Namespace) -> None:
     queries = read_queries(args.sentences, args.file)
-    index, encoder = open_search(args.index, args.model, text_attention_mask=args.text_attention_mask)
+    index, encoder = open_search(
+        args.index, args.model, text_attention_mask=args.text_attention_mask, backend=args.backend
+    )
     results = search(index, encoder, queries, args.k)
     payload = [{"query": r.query, "hits": [vars(h) for h in r.hits]} for r in results]
     if args.json == Path("-"):
@@ -101,7 +122,7 @@ def _web_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_web(args: argparse.Namespace) -> None:
     server = make_server(
-        *open_search(args.index, args.model, text_attention_mask=args.text_attention_mask),
+        *open_search(args.index, args.model, text_attention_mask=args.text_attention_mask, backend=args.backend),
         host=args.host,
         port=args.port,
     )

@@ -1,10 +1,15 @@
 """Build and load an image index: embeddings of every picture under a folder, saved without pickle.
 
-An index folder holds `manifest.json` (the model's path and weight hashes, preprocessing, embedding size, and per
-image its relative path, byte size and mtime, in row order) and `embeddings.<hash>.safetensors` (float32 (N, D)).
-The manifest names its embeddings file, so replacing the manifest is the single atomic commit of a new index: a
-crash mid-write leaves the previous index intact. Re-indexing encodes only new or changed files (by size and
-mtime), unless the model's weights changed, which invalidates every row.
+An index folder holds `manifest.json` (the model's path and weight hashes, preprocessing, embedding size, the search
+backend and its parameters, whether links were followed, and per image its relative path, byte size and mtime, in
+row order, plus the resolved target of a followed link), `embeddings.<hash>.safetensors` (float32 (N, D), and for
+`faiss-ivf` each row's int64 list number) and for `faiss-ivf` `ivf.<hash>.faiss` (the trained centroids). The
+manifest names its other files, so replacing the manifest is the single atomic commit of a new index: a crash
+mid-write leaves the previous index intact. Re-indexing encodes only new or changed files (by size and mtime, and
+a followed link's target), unless the model's weights changed, which invalidates every row. A `faiss-ivf` index
+keeps its centroids and the list of every unchanged row; only new rows are assigned, and the centroids are trained
+again only when the model changed or the gallery grew `RETRAIN_GROWTH` times past the rows they were trained on.
+Removed or changed files simply leave the row list: the faiss index is refilled from the rows when it is opened.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import faiss
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
@@ -25,6 +32,23 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from data.datasets import load_rgb
+from search_app.backends import (
+    AUTO,
+    BACKENDS,
+    IVF,
+    MATMUL,
+    RETRAIN_GROWTH,
+    IVFParams,
+    MatmulRanker,
+    Ranker,
+    assign_lists,
+    flat_ranker,
+    ivf_from_bytes,
+    ivf_ranker,
+    ivf_to_bytes,
+    resolve_backend,
+    train_ivf,
+)
 from search_app.encoder import SearchEncoder, fingerprint, load_encoder, same_weights
 from utils.errors import InputError
 from utils.io import atomic_write_bytes, atomic_write_json
@@ -42,25 +66,66 @@ class SearchIndexError(InputError):
 
 @dataclass(frozen=True)
 class ImageEntry:
-    """One image file: its path relative to the indexed folder (POSIX), byte size and mtime."""
+    """One image file: its path relative to the indexed folder (POSIX), byte size and mtime, and for a link followed
+    outside the folder its resolved target (absolute).
+    """
 
     path: str
     size: int
     mtime_ns: int
+    target: str | None = None
+
+    def as_record(self) -> dict[str, Any]:
+        return {key: value for key, value in vars(self).items() if value is not None}
+
+
+def check_backend(index_dir: str | Path, built: str, requested: str) -> None:
+    """Refuse a `requested` backend other than the one the index was `built` with (`auto` takes the index's).
+
+    Raises:
+        SearchIndexError: names the index folder, its backend and the fix.
+    """
+    if requested not in (AUTO, built):
+        raise SearchIndexError(
+            f"index {index_dir} was built with the {built} backend, not {requested}; pass --backend {built} "
+            f"(or auto), or build a {requested} index in another --index folder."
+        )
 
 
 @dataclass
 class SearchIndex:
-    """A loaded index: the image folder, the files in row order, their (N, D) embeddings, and the manifest."""
+    """A loaded index: the image folder, the files in row order, their (N, D) embeddings, and the manifest; for
+    `faiss-ivf` also the trained (empty) IVF index and each row's list number.
+    """
 
     root: Path
     entries: list[ImageEntry]
     embeddings: Tensor
     manifest: dict[str, Any]
+    trained_ivf: faiss.IndexIVFFlat | None = None
+    lists: Tensor | None = None
+    _ranker: Ranker | None = field(default=None, repr=False)
 
     @property
     def paths(self) -> list[str]:
         return [entry.path for entry in self.entries]
+
+    @property
+    def backend(self) -> dict[str, Any]:
+        """The manifest's backend record; an index written before backends existed was ranked by matmul."""
+        return self.manifest.get("backend", {"name": MATMUL, "requested": AUTO})
+
+    def ranker(self) -> Ranker:
+        """The search engine over the rows, built on first use (faiss copies the rows, so only when asked)."""
+        if self._ranker is None:
+            name = self.backend["name"]
+            if name == MATMUL:
+                self._ranker = MatmulRanker(self.embeddings)
+            elif name == IVF:
+                self._ranker = ivf_ranker(self.trained_ivf, self.embeddings, self.lists.numpy(), self.backend["nprobe"])
+            else:
+                self._ranker = flat_ranker(self.embeddings)
+        return self._ranker
 
     @classmethod
     def load(cls, index_dir: str | Path) -> SearchIndex:
@@ -84,16 +149,29 @@ class SearchIndex:
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
             raise SearchIndexError(f"{manifest_path} is not a valid index manifest ({err!r}); {rebuild}.") from err
         # safetensors holds raw tensors only: loading it never unpickles or runs code.
+        backend = manifest.get("backend", {"name": MATMUL})
+        if backend.get("name") not in BACKENDS:
+            raise SearchIndexError(f"{manifest_path}: unknown backend {backend.get('name')!r}; {rebuild}.")
         try:
-            embeddings = load_file(embeddings_path)["embeddings"]
+            tensors = load_file(embeddings_path)
+            embeddings, lists = tensors["embeddings"], tensors.get("lists")
         except (OSError, SafetensorError, KeyError) as err:
             raise SearchIndexError(f"cannot read the embeddings {embeddings_path} ({err}); {rebuild}.") from err
+        trained = None
+        if backend["name"] == IVF:
+            ivf_path = index_dir / backend.get("ivf_file", "?")
+            try:
+                trained = ivf_from_bytes(ivf_path.read_bytes())
+            except (OSError, RuntimeError, ValueError) as err:
+                raise SearchIndexError(f"cannot read the IVF index {ivf_path} ({err}); {rebuild}.") from err
+            if lists is None or lists.shape != (len(entries),) or trained.d != manifest["embed_dim"]:
+                raise SearchIndexError(f"{embeddings_path}: IVF list numbers do not match {MANIFEST}; {rebuild}.")
         if embeddings.shape != (len(entries), manifest["embed_dim"]):
             raise SearchIndexError(
                 f"{index_dir}: embeddings {tuple(embeddings.shape)} do not match {len(entries)} files x "
                 f"{manifest['embed_dim']} dims in {MANIFEST}; delete the folder and index again."
             )
-        return cls(Path(manifest["image_root"]), entries, embeddings, manifest)
+        return cls(Path(manifest["image_root"]), entries, embeddings, manifest, trained, lists)
 
 
 @dataclass
@@ -104,12 +182,29 @@ class IndexReport:
     encoded: int
     reused: int
     removed: int
+    backend: str
     skipped: list[str] = field(default_factory=list)
 
 
-def scan_images(root: str | Path) -> list[ImageEntry]:
-    """Every jpg/jpeg/png/webp file under `root` (recursively, sorted), skipping hidden entries and links that
-    lead outside `root`.
+def _walk(root: Path, follow_links: bool):
+    """`os.walk` of `root` in sorted order without hidden folders; following links, each real folder once (a link
+    to an ancestor would otherwise loop forever).
+    """
+    seen = {root}
+    for folder, dirs, files in os.walk(root, followlinks=follow_links):
+        kept = []
+        for name in sorted(d for d in dirs if not d.startswith(".")):
+            real = Path(folder, name).resolve()
+            if not follow_links or real not in seen:
+                seen.add(real)
+                kept.append(name)
+        dirs[:] = kept
+        yield folder, files
+
+
+def scan_images(root: str | Path, *, follow_links: bool = False) -> list[ImageEntry]:
+    """Every jpg/jpeg/png/webp file under `root` (recursively, sorted), skipping hidden entries, broken links and,
+    unless `follow_links`, links (to files or folders) that lead outside `root`.
 
     Raises:
         SearchIndexError: `root` is not a folder, or holds no image.
@@ -118,17 +213,22 @@ def scan_images(root: str | Path) -> list[ImageEntry]:
     if not root.is_dir():
         raise SearchIndexError(f"image folder {root} does not exist or is not a folder.")
     entries = []
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    for folder, files in _walk(root, follow_links):
         for name in files:
             path = Path(folder, name)
             if name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
-            if not path.resolve().is_relative_to(root):
-                log.warning("Skipping %s: it links outside %s.", path, root)
+            real = path.resolve()
+            outside = not real.is_relative_to(root)
+            if outside and not follow_links:
+                log.warning("Skipping %s: it links outside %s (--follow-links indexes it).", path, root)
                 continue
-            stat = path.stat()
-            entries.append(ImageEntry(path.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns))
+            if not real.is_file():
+                log.warning("Skipping %s: it links to %s, which is not a file.", path, real)
+                continue
+            stat = real.stat()
+            relative = path.relative_to(root).as_posix()
+            entries.append(ImageEntry(relative, stat.st_size, stat.st_mtime_ns, str(real) if outside else None))
     if not entries:
         raise SearchIndexError(f"no {'/'.join(sorted(s[1:] for s in IMAGE_SUFFIXES))} images under {root}.")
     return sorted(entries, key=lambda entry: entry.path)
@@ -204,14 +304,28 @@ def _previous(index_dir: Path, root: Path) -> SearchIndex | None:
     return old
 
 
-def _commit(index_dir: Path, manifest: dict[str, Any], embeddings: Tensor) -> None:
-    """Write the embeddings under a content-named file, then the manifest that points at it, then tidy up."""
-    payload = save({"embeddings": embeddings.contiguous()})
-    name = f"embeddings.{hashlib.sha256(payload).hexdigest()[:16]}.safetensors"
+def _write_named(index_dir: Path, stem: str, suffix: str, payload: bytes) -> str:
+    """Write `payload` to `<stem>.<content hash>.<suffix>` in `index_dir`; return the file name."""
+    name = f"{stem}.{hashlib.sha256(payload).hexdigest()[:16]}.{suffix}"
     atomic_write_bytes(index_dir / name, payload)
+    return name
+
+
+def _commit(
+    index_dir: Path, manifest: dict[str, Any], embeddings: Tensor, ivf: tuple[bytes, Tensor] | None = None
+) -> None:
+    """Write the embeddings (and an IVF index with its row lists) under content-named files, then the manifest that
+    points at them, then tidy up.
+    """
+    tensors = {"embeddings": embeddings.contiguous()}
+    if ivf is not None:
+        tensors["lists"] = ivf[1]
+        manifest["backend"]["ivf_file"] = _write_named(index_dir, "ivf", "faiss", ivf[0])
+    name = _write_named(index_dir, "embeddings", "safetensors", save(tensors))
     atomic_write_json(index_dir / MANIFEST, {**manifest, "embeddings_file": name})
-    for stale in index_dir.glob("embeddings.*.safetensors"):
-        if stale.name != name:
+    current = {name, manifest["backend"].get("ivf_file")}
+    for stale in [*index_dir.glob("embeddings.*.safetensors"), *index_dir.glob("ivf.*.faiss")]:
+        if stale.name not in current:
             stale.unlink()
 
 
@@ -237,6 +351,39 @@ def _reusable_rows(
     return {e.path: row for e, row in zip(old.entries, old.embeddings, strict=True) if e in current}
 
 
+def _backend(old: SearchIndex | None, index_dir: Path, requested: str, num_rows: int) -> dict[str, Any]:
+    """The backend record for a (re)build: an explicit choice must match an existing index's; `auto` keeps the
+    existing index's choice (itself `auto` or not) and resolves it for `num_rows`.
+    """
+    if old is not None:
+        check_backend(index_dir, old.backend["name"], requested)
+        if requested == AUTO:
+            requested = old.backend["requested"]
+    return {"name": resolve_backend(requested, num_rows), "requested": requested}
+
+
+def _ivf_state(
+    old: SearchIndex | None, rows: Tensor, kept: list[ImageEntry], reusable: dict[str, Tensor]
+) -> tuple[faiss.IndexIVFFlat, IVFParams, Tensor]:
+    """The trained IVF index, its parameters and each row's list: the old centroids and lists of unchanged rows
+    while they still fit, else freshly trained ones.
+    """
+    num_rows = len(rows)
+    if old is not None and old.trained_ivf is not None and reusable:
+        params = IVFParams(**{key: old.backend[key] for key in IVFParams.__dataclass_fields__})
+        if num_rows <= RETRAIN_GROWTH * params.trained_rows:
+            old_lists = dict(zip(old.paths, old.lists.tolist(), strict=True))
+            new = [i for i, entry in enumerate(kept) if entry.path not in reusable]
+            lists = np.array([old_lists.get(entry.path, -1) for entry in kept], dtype=np.int64)
+            lists[new] = assign_lists(old.trained_ivf, rows[new])
+            return old.trained_ivf, params, torch.from_numpy(lists)
+        log.info("The gallery grew past %g x the rows its IVF lists were trained on: training again.", RETRAIN_GROWTH)
+    params = IVFParams.for_size(num_rows)
+    log.info("Training %d IVF lists on %d of %d rows.", params.nlist, params.train_size, num_rows)
+    trained = train_ivf(rows, params)
+    return trained, params, torch.from_numpy(assign_lists(trained, rows))
+
+
 def build_index(
     images: str | Path,
     model: str | Path,
@@ -247,6 +394,8 @@ def build_index(
     device: torch.device | None = None,
     text_attention_mask: bool | None = None,
     skip_unreadable: bool = False,
+    backend: str = AUTO,
+    follow_links: bool | None = None,
     progress: bool = True,
 ) -> IndexReport:
     """Index every image under `images` with `model` into `index_dir`, re-encoding only new or changed files.
@@ -260,15 +409,24 @@ def build_index(
         device: Where to encode; the GPU when present by default.
         text_attention_mask: Remembered for queries; see `load_encoder`.
         skip_unreadable: Leave undecodable images out with a warning instead of stopping.
+        backend: `matmul`, `faiss-flat`, `faiss-ivf`, or `auto` (an existing index's choice; for a new index
+            `faiss-flat` up to `search_app.backends.EXACT_UP_TO` images, `faiss-ivf` above).
+        follow_links: Index links that lead outside `images` too (recorded; None: the existing index's choice,
+            else False).
         progress: Show a progress bar.
 
     Raises:
-        SearchIndexError: no images, an unreadable one (without `skip_unreadable`), or an index of another folder.
+        SearchIndexError: no images, an unreadable one (without `skip_unreadable`), an index of another folder, or
+            an explicit `backend` other than the existing index's.
         ModelSourceError: `model` is neither a checkpoint nor an exported folder.
     """
     root, index_dir = Path(images).resolve(), Path(index_dir)
-    entries = scan_images(root)
     old = _previous(index_dir, root)
+    if follow_links is None:
+        follow_links = bool(old and old.manifest.get("follow_links", False))
+    entries = scan_images(root, follow_links=follow_links)
+    if old is not None:  # fail before encoding anything
+        check_backend(index_dir, old.backend["name"], backend)
     same_path = old is not None and old.manifest["model"]["path"] == str(Path(model).resolve())
     model_print = fingerprint(model, old.manifest["model"] if same_path else None)
     reusable = _reusable_rows(old, entries, model_print)
@@ -294,17 +452,30 @@ def build_index(
     if not kept:
         raise SearchIndexError(f"none of the {len(entries)} images under {root} could be read.")
     rows = torch.stack([reusable[e.path] if e.path in reusable else embedded[e.path] for e in kept])  # (N, D)
-    _commit(
-        index_dir, {**settings, "model": model_print, "image_root": str(root), "files": [vars(e) for e in kept]}, rows
-    )
+    backend_record = _backend(old, index_dir, backend, len(kept))
+    ivf = None
+    if backend_record["name"] == IVF:
+        trained, params, lists = _ivf_state(old, rows, kept, reusable)
+        backend_record.update(params.as_record())
+        ivf = (ivf_to_bytes(trained), lists)
+    manifest = {
+        **settings,
+        "model": model_print,
+        "image_root": str(root),
+        "follow_links": follow_links,
+        "backend": backend_record,
+        "files": [e.as_record() for e in kept],
+    }
+    _commit(index_dir, manifest, rows, ivf)
     removed = len({e.path for e in old.entries} - {e.path for e in entries}) if old else 0
-    report = IndexReport(len(kept), len(embedded), len(kept) - len(embedded), removed, skipped)
+    report = IndexReport(len(kept), len(embedded), len(kept) - len(embedded), removed, backend_record["name"], skipped)
     log.info(
-        "Indexed %d images (%d encoded, %d reused, %d removed) in %s.",
+        "Indexed %d images (%d encoded, %d reused, %d removed) in %s with the %s backend.",
         report.total,
         report.encoded,
         report.reused,
         report.removed,
         index_dir,
+        report.backend,
     )
     return report

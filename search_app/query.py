@@ -1,4 +1,6 @@
-"""Rank indexed images for sentences: open an index with its model, score by cosine, report top-k."""
+"""Rank indexed images for sentences: open an index with its model, score by cosine with the index's backend,
+report top-k.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +11,9 @@ from typing import Any
 
 import torch
 
+from search_app.backends import AUTO
 from search_app.encoder import SearchEncoder, fingerprint, load_encoder, same_weights
-from search_app.index import SearchIndex, SearchIndexError
+from search_app.index import SearchIndex, SearchIndexError, check_backend
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ def open_search(
     *,
     device: torch.device | None = None,
     text_attention_mask: bool | None = None,
+    backend: str = AUTO,
 ) -> tuple[SearchIndex, SearchEncoder]:
     """Load an index and the model that built it (or `model`, which must have the same weights).
 
@@ -60,11 +64,14 @@ def open_search(
         model: Checkpoint or exported folder; default: the one recorded in the index.
         device: Where to encode queries.
         text_attention_mask: Override the index's recorded setting.
+        backend: `auto` (the index's) or the backend the index was built with.
 
     Raises:
-        SearchIndexError: `model`'s weights differ from the index's (its embeddings would not be comparable).
+        SearchIndexError: `model`'s weights differ from the index's (its embeddings would not be comparable), or
+            `backend` is not the index's.
     """
     index = SearchIndex.load(index_dir)
+    check_backend(index_dir, index.backend["name"], backend)
     recorded = index.manifest["model"]
     model = Path(model or recorded["path"])
     current = fingerprint(model, recorded if str(model.resolve()) == recorded["path"] else None)
@@ -78,16 +85,18 @@ def open_search(
 
 
 def search(index: SearchIndex, encoder: SearchEncoder, queries: Sequence[str], k: int = 10) -> list[QueryResult]:
-    """Top-`k` images per query by cosine similarity (embeddings are L2-normalised), best first."""
+    """Top-`k` images per query by cosine similarity (embeddings are L2-normalised), best first.
+
+    An approximate (`faiss-ivf`) index may return fewer than `k` when the lists it scans hold fewer images.
+    """
     if k < 1:
         raise SearchIndexError(f"k must be at least 1, got {k}.")
     text = encoder.encode_texts(list(queries))  # (Q, D)
-    scores = text @ index.embeddings.T  # (Q, N)
-    top = scores.topk(min(k, scores.shape[1]), dim=1)
+    scores, rows = index.ranker().search(text, k)  # (Q, k) each; row -1 marks a missing hit
     paths = index.paths
     return [
-        QueryResult(query, [Hit(r + 1, paths[i], s) for r, (s, i) in enumerate(zip(row_s.tolist(), row_i.tolist()))])
-        for query, row_s, row_i in zip(queries, top.values, top.indices, strict=True)
+        QueryResult(query, [Hit(r + 1, paths[i], s) for r, (s, i) in enumerate(zip(row_s, row_i)) if i >= 0])
+        for query, row_s, row_i in zip(queries, scores.tolist(), rows.tolist(), strict=True)
     ]
 
 

@@ -2,9 +2,10 @@
 
 Routes: `/` (the page; `/?q=...&k=...` renders results server-side, so it works without JavaScript), `/api/search`
 (the same as JSON) and `/image/<relative path>`. Only files listed in the index are served: the requested path
-must be one of the index's relative paths, and its resolved location must still lie inside the indexed folder,
-so `..`, absolute paths, encoded separators and links swapped in after indexing all get 404. It binds 127.0.0.1 by
-default, and a loopback server answers only requests addressed to a loopback name (no DNS rebinding).
+must be one of the index's relative paths, and its resolved location must still lie inside the indexed folder or,
+for a link followed at indexing (`--follow-links`), be exactly the target the index recorded, so `..`, absolute
+paths, encoded separators, files or links added after indexing and links retargeted since all get 404. It binds
+127.0.0.1 by default, and a loopback server answers only requests addressed to a loopback name (no DNS rebinding).
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ class SearchServer(ThreadingHTTPServer):
         super().__init__((host, port), SearchHandler)
         self.index, self.encoder = index, encoder
         self.root = index.root.resolve()
-        self.served = frozenset(index.paths)
+        self.served = {entry.path: entry.target for entry in index.entries}  # path -> recorded link target
         self.lock = threading.Lock()
         port = self.server_address[1]
         self.allowed_hosts = {f"{name}:{port}" for name in LOOPBACK_NAMES} if is_loopback(host) else None
@@ -99,7 +100,9 @@ class SearchServer(ThreadingHTTPServer):
         if relative not in self.served:
             return None
         path = (self.root / relative).resolve()
-        return path if path.is_relative_to(self.root) and path.is_file() else None
+        target = self.served[relative]
+        allowed = path == Path(target) if target is not None else path.is_relative_to(self.root)
+        return path if allowed and path.is_file() else None
 
 
 class SearchHandler(BaseHTTPRequestHandler):
