@@ -85,10 +85,14 @@ def expected_jobs(record: dict[str, Any]) -> list[tuple[str, ...]] | None:
         return None
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
 
     # What BasicSweeper.sweep expands: hydra.sweeper.params first, then the command line.
     lines = [f"{key}={value}" for key, value in record["params"].items()] + record["task_overrides"]
-    (jobs,) = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(lines), None)
+    try:
+        (jobs,) = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(lines), None)
+    except HydraException:  # e.g. glob(...) over a config group, which needs the config loader to expand
+        return None
     return [tuple(job) for job in jobs]
 
 
