@@ -12,6 +12,7 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -31,6 +32,7 @@ from lightning_data import TBPSDataModule, build_datamodule
 from lightning_models import TBPSLitModule
 from preflight import run_preflight
 from prepare_checkpoints import ensure_demo_assets
+from sweep_jobs import SweepJob
 from utils.config import ConfigError
 from utils.errors import InputError, user_message
 from utils.io import atomic_write_json
@@ -202,21 +204,93 @@ def launcher_overrides(overrides: Sequence[str]) -> list[str]:
     return [] if rank == 0 else [f"hydra.job.name=trainer_rank{rank}", "hydra.output_subdir=null"]
 
 
+class SelectedScore(Callback):
+    """The validation score of the epoch kept as the best checkpoint, once fitting ends (what a search maximises)."""
+
+    def __init__(self) -> None:
+        self.value: float | None = None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning's `checkpoint_callback` is the first ModelCheckpoint: the one train() selects the best epoch with.
+        best = trainer.checkpoint_callback.best_model_score
+        self.value = None if best is None else float(best)
+
+
+class SweepError(InputError):
+    """A sweep that cannot run as asked: a search selecting on test or on nothing, DDP under an in-place launcher."""
+
+
+def check_search(cfg: DictConfig, hydra_cfg: DictConfig) -> None:
+    """Refuse an Optuna search (`hparams_search=...`) that would tune on the test split or on nothing."""
+    if hydra_cfg.runtime.choices.get("hydra/sweeper") != "optuna":
+        return
+    search = hydra_cfg.runtime.choices.get("hparams_search") or "optuna"
+    if cfg.model_selection == "test":
+        raise SweepError(
+            f"model_selection=test with hparams_search={search} would tune on the test split; drop model_selection=test"
+            " (parity=seed sets it too): the search maximises the validation score."
+        )
+    if cfg.trainer.limit_val_batches == 0:
+        raise SweepError(f"trainer.limit_val_batches=0 leaves hparams_search={search} no validation score; drop it.")
+
+
+def check_sweep_ddp(cfg: DictConfig, hydra_cfg: DictConfig) -> None:
+    """Refuse DDP in a multirun whose jobs Lightning would re-launch with the sweep's own command line."""
+    launcher = hydra_cfg.runtime.choices.get("hydra/launcher")
+    if hydra_cfg.mode != RunMode.MULTIRUN or "ddp" not in str(cfg.trainer.strategy) or "slurm" in str(launcher):
+        return
+    raise SweepError(
+        f"trainer.strategy={cfg.trainer.strategy} in a multirun with the {launcher} launcher: Lightning would start "
+        "each extra process with this command, which runs the whole sweep again; use hydra/launcher=slurm with "
+        "hydra.launcher.tasks_per_node and gpus_per_node set to the GPUs per job, or run the jobs without -m."
+    )
+
+
+def close_wandb_run() -> None:
+    """End the W&B run of a job: Lightning's WandbLogger would log the next job of a multirun into the same run."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
+
+
+def run_job(cfg: DictConfig, run_dir: Path, name: str) -> float | None:
+    """Preflight, train or evaluate, as `cfg` asks; the selected epoch's validation score when training."""
+    if cfg.preflight:
+        validate_config(cfg)
+        ensure_demo_assets(cfg)
+        raise SystemExit(run_preflight(cfg))
+    if not cfg.train:
+        validate_config(cfg)
+        evaluate(cfg, run_dir)
+        return None
+    score = SelectedScore()
+    train(cfg, run_dir, name, callbacks=[score])
+    return score.value
+
+
 @hydra.main(version_base="1.3", config_path="config", config_name="train")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
+    """Run one job; returns the selected epoch's validation score (an Optuna search maximises it), else None.
+
+    A job of a multirun (`-m`) keeps a status file in its folder and is skipped when its folder already holds
+    results.json, so launching a sweep again runs only the jobs that did not finish (sweep_jobs.py).
+    """
     hydra_cfg = HydraConfig.get()
     name = cfg.logger.experiment_name or run_name_of(hydra_cfg.job.config_name or "run", hydra_cfg.overrides.task)
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    job = SweepJob(run_dir, list(hydra_cfg.overrides.task)) if hydra_cfg.mode == RunMode.MULTIRUN else None
     try:
-        if cfg.preflight:
-            validate_config(cfg)
-            ensure_demo_assets(cfg)
-            raise SystemExit(run_preflight(cfg))
-        if cfg.train:
-            train(cfg, run_dir, name)
-        else:
-            validate_config(cfg)
-            evaluate(cfg, run_dir)
+        check_search(cfg, hydra_cfg)
+        check_sweep_ddp(cfg, hydra_cfg)
+        if job is None:
+            return run_job(cfg, run_dir, name)
+        if job.finished:
+            job.val_score = job.recorded().get("val_score")
+            log.info("Skipped: %s already holds results.json (val_score %s).", run_dir, job.val_score)
+            return job.val_score
+        with job:
+            job.val_score = run_job(cfg, run_dir, name)
+        return job.val_score
     except InputError as error:
         # Bad config, dataset or checkpoint: the message names the file or field and the fix; no traceback.
         log.error("%s", user_message(error))
@@ -224,6 +298,8 @@ def main(cfg: DictConfig) -> None:
     except SIGTERMException:
         # Lightning stops cleanly on SIGTERM but exits 0; a scheduler must see that the job did not finish.
         raise SystemExit(128 + signal.SIGTERM) from None
+    finally:
+        close_wandb_run()
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ if wanted eval_metrics; then
 fi
 if wanted strategies; then
     echo "== strategies"
-    timeout "${STRATEGIES_TIMEOUT:-260}" python3 -m bench.strategies --jobs 5 --out "$out" --set dataset.num_workers=2 \
+    timeout "${STRATEGIES_TIMEOUT:-260}" python3 -m bench.strategies --out "$out" --set hydra/launcher=local --set dataset.num_workers=2 \
         2>&1 | tail -12
     copy_out
 fi

@@ -2,15 +2,20 @@
 
     uv run python -m scripts.aggregate_sweep multirun/2026-11-27/10-00-00          # any folder of finished runs
     uv run python -m scripts.aggregate_sweep SWEEP --by loss.strategy --baseline baseline
+    uv run python -m scripts.aggregate_sweep multirun/2026-11-27/11-00-00          # an hparams_search sweep
 
 Every `results.json` under the folder is one run; its `.hydra/config.yaml` (written by Hydra next to it) says what
 ran. The runs must differ only in the swept keys (`--by` and `seed`): a sweep that mixes datasets or other settings
-is refused, naming the runs and the keys that differ. For every metric (t2i and i2t R1/R5/R10/mAP/mINP, of the
+is refused, naming the runs and the keys that differ. The trials of an Optuna search (`hparams_search=...`) are
+grouped by trial (`.hydra/hydra.yaml` names the searched keys, which may differ), and a second table lists each
+trial's settings and the validation score it was chosen on. For every metric (t2i and i2t R1/R5/R10/mAP/mINP, of the
 checkpoint selected on validation and of the last epoch) the table gives the mean +- sample standard deviation
 over seeds, the number of seeds, and the difference from `--baseline` paired by seed with its 95% confidence
 interval (Student's t over the per-seed differences): the effect under study is about the size of the seed-to-seed
 spread, so a bare mean misleads. On VN3K_VI the original project's published numbers are printed beside the table.
-Writes `aggregate.md` and `aggregate.csv` into the sweep folder.
+Writes `aggregate.md` and `aggregate.csv` into the sweep folder. When the runs logged to W&B (`logger=wandb`, the
+default), the tables are also logged as `wandb.Table`s to a run of the sweep's own in `<folder>/wandb`, with the
+runs' project and mode (offline by default: `wandb sync` uploads it).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from sweep_jobs import read_status
 from utils.errors import InputError
 from utils.io import atomic_write_text
 
@@ -55,11 +61,16 @@ class SweepError(InputError):
     """The folder holds no runs, a run lacks its config, or the runs differ in more than the swept keys."""
 
 
+#: The group key of an Optuna search's runs: the trial number (Hydra's job number, which the sweeper gives the trial).
+TRIAL = "trial"
+
+
 @dataclass(frozen=True)
 class Run:
     path: Path
-    config: dict[str, Any]  # flattened: "loss.strategy" -> "auxiliary"
+    config: dict[str, Any]  # flattened: "loss.strategy" -> "auxiliary"; an Optuna trial's also has TRIAL
     results: dict[str, Any]
+    searched: tuple[str, ...] = ()  # the keys an Optuna search chose this run's values of
 
     def value(self, selection: str, task: str, metric: str) -> float | None:
         return (self.results.get(selection) or {}).get(task, {}).get(metric)
@@ -74,14 +85,28 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): node}
 
 
+def _search_of(run_dir: Path) -> tuple[int, tuple[str, ...]] | None:
+    """(trial number, searched keys) of a run that an Optuna search launched, else None."""
+    written = run_dir / ".hydra" / "hydra.yaml"
+    if not written.is_file():
+        return None
+    hydra_cfg = OmegaConf.load(written).hydra
+    if "optuna" not in str(OmegaConf.select(hydra_cfg, "sweeper._target_", default="")).lower():
+        return None
+    return int(hydra_cfg.job.num), tuple(hydra_cfg.sweeper.params or ())
+
+
 def load_runs(folder: Path) -> list[Run]:
     runs = []
     for results in sorted(folder.rglob("results.json")):
         config = results.parent / ".hydra" / "config.yaml"
         if not config.is_file():
             raise SweepError(f"{results} has no {config.relative_to(results.parent)}: not a run written by trainer.py.")
-        container = OmegaConf.to_container(OmegaConf.load(config), resolve=False)
-        runs.append(Run(results.parent, _flatten(container), json.loads(results.read_text())))
+        flat = _flatten(OmegaConf.to_container(OmegaConf.load(config), resolve=False))
+        searched: tuple[str, ...] = ()
+        if (search := _search_of(results.parent)) is not None:
+            flat[TRIAL], searched = search
+        runs.append(Run(results.parent, flat, json.loads(results.read_text()), searched))
     if not runs:
         raise SweepError(f"no results.json under {folder}: no run of this sweep has finished.")
     return runs
@@ -228,24 +253,102 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     return out.getvalue()
 
 
+def trial_rows(runs: list[Run]) -> list[dict[str, Any]]:
+    """One row per Optuna trial, best first: its number, the validation score it was chosen on, the searched values."""
+    rows = [
+        {TRIAL: run.config[TRIAL], "val_score": read_status(run.path).get("val_score")}
+        | {key: run.config.get(key) for key in run.searched}
+        for run in runs
+        if run.searched
+    ]
+    return sorted(rows, key=lambda row: (row["val_score"] is not None, row["val_score"] or 0.0), reverse=True)
+
+
+def _cell(value: Any) -> str:
+    return "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def trials_markdown(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    columns = list(rows[0])
+    lines = [
+        "",
+        "Optuna trials, best first by the validation score the search maximised (the test split played no part):",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|---" * len(columns) + "|",
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row[column]) for column in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def log_to_wandb(folder: Path, config: dict[str, Any], tables: dict[str, list[dict[str, Any]]]) -> Path | None:
+    """Log each table as a `wandb.Table` to a W&B run of the sweep's own, in `<folder>/wandb`.
+
+    Only when the runs logged to W&B (`logger.type`), with their project and mode. Returns the W&B run's folder, or
+    None without W&B.
+    """
+    if config.get("logger.type") != "wandb":
+        return None
+    import wandb
+
+    run = wandb.init(
+        project=config.get("logger.project"),
+        mode=config.get("logger.mode"),
+        dir=str(folder),
+        name=f"aggregate_{folder.resolve().name}",
+        job_type="aggregate",
+        config={"sweep_folder": str(folder.resolve())},
+    )
+    for name, rows in tables.items():
+        if rows:
+            columns = list(rows[0])
+            data = [[row[column] for column in columns] for row in rows]
+            run.log({name: wandb.Table(columns=columns, data=data, allow_mixed_types=True)})
+    run.finish()
+    return Path(run.dir).parent
+
+
+def write_tables(folder: Path, by: str | None = None, baseline: str = "baseline", use_wandb: bool = True) -> str:
+    """Aggregate the runs under `folder`: write aggregate.md / aggregate.csv (and log to W&B); return the markdown.
+
+    `by` defaults to `loss.strategy`, or to the trial for an Optuna search.
+
+    Raises:
+        SweepError: no finished run, a run without its config, or runs that differ in more than the swept keys.
+    """
+    runs = load_runs(folder)
+    searched = sorted({key for run in runs for key in run.searched})
+    by = by or (TRIAL if searched else "loss.strategy")
+    check_one_experiment(runs, (by, "seed", *searched, *([TRIAL] if searched else [])))
+    rows = aggregate(runs, by, baseline)
+    trials = trial_rows(runs)
+    config = runs[0].config
+    generated = any(key.startswith("dataset.synthetic.") for key in config)  # the demo's data, VN3K in layout only
+    table = markdown(rows, by, baseline, None if generated else config.get("dataset.dataset_name"))
+    table += trials_markdown(trials)
+    atomic_write_text(folder / "aggregate.md", table)
+    atomic_write_text(folder / "aggregate.csv", to_csv(rows))
+    if use_wandb:
+        log_to_wandb(folder, config, {"sweep_table": rows, "trials": trials})
+    return table
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path, help="a sweep folder (e.g. a Hydra multirun folder)")
-    parser.add_argument("--by", default="loss.strategy", help="the swept key the rows are grouped by")
+    parser.add_argument(
+        "--by", default=None, help="the swept key the rows are grouped by (default: loss.strategy; an Optuna trial)"
+    )
     parser.add_argument("--baseline", default="baseline", help="the group every other is compared with")
+    parser.add_argument("--no-wandb", action="store_true", help="do not log the tables to W&B, even if the runs did")
     args = parser.parse_args(argv)
     try:
-        runs = load_runs(args.folder)
-        check_one_experiment(runs, (args.by, "seed"))
+        print(write_tables(args.folder, args.by, args.baseline, use_wandb=not args.no_wandb))
     except SweepError as error:
         raise SystemExit(str(error)) from None
-    rows = aggregate(runs, args.by, args.baseline)
-    config = runs[0].config
-    generated = any(key.startswith("dataset.synthetic.") for key in config)  # the demo's data, VN3K in layout only
-    table = markdown(rows, args.by, args.baseline, None if generated else config.get("dataset.dataset_name"))
-    atomic_write_text(args.folder / "aggregate.md", table)
-    atomic_write_text(args.folder / "aggregate.csv", to_csv(rows))
-    print(table)
 
 
 if __name__ == "__main__":

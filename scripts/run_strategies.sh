@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Shared body of run_cir_loss.sh (--lora) and run_cir_full.sh (--full).
+# Shared body of run_cir_loss.sh (--lora) and run_cir_full.sh (--full): one Hydra multirun of trainer.py over the
+# chosen strategies, then the sweep's status (scripts/sweep.py).
 set -uo pipefail
 
 mode="$1"; shift
@@ -9,7 +10,7 @@ usage() {
 Usage: ./$name STRATEGY|all [--config NAME] [HYDRA_OVERRIDE ...]
 
 Trains the Circle-Loss strategy STRATEGY ($([ "$mode" = --lora ] && echo "LoRA r 32 / alpha 64 on both towers" || echo "full fine-tuning")),
-or all five one after the other:
+or all five, as one Hydra multirun (trainer.py -m loss.strategy=...):
   baseline          N-ITC (+ MVS, SimCLR, C-ITC), no Circle Loss
   auxiliary         + in-modal Circle Loss on image and text features (weight 0.1)
   intrinsic         NC-ITC: circle-reweighted N-ITC logits
@@ -19,13 +20,18 @@ or all five one after the other:
 --config NAME  top-level config (default cir_msiglip: VN3K_VI, 256x256, identity sampler 6x4, batch 24,
                accumulation 3, fp16, 60 epochs, AdamW 1e-4, m 0.25, gamma 128). Use --config demo to try it
                on the embedded dataset and tiny model.
-Any further argument is a Hydra override, e.g. trainer.max_epochs=1 img_size_str="'(384,128)'";
+Any further argument is a Hydra override, e.g. trainer.max_epochs=1 img_size_str="'(384,128)'" seed=0,1,2 (a seed
+sweep too); hydra/launcher=slurm runs each job as a SLURM job with one GPU (config/hydra/launcher/slurm.yaml),
+hydra/launcher=local every job at once on this machine. The sweep folder is multirun/$name/<date_time> unless
+hydra.sweep.dir=FOLDER names it; a job whose folder holds results.json is skipped, so the same command with the
+same hydra.sweep.dir (or: uv run python -m scripts.sweep resume FOLDER) runs only the jobs that did not finish.
 parity=seed switches the original project's behaviour back on (Circle gamma 64, epochs selected on test, ...),
 parity=seed_published also its published recipe (gamma 128, 256x256); docs/seed_differences.md lists both.
 
 Examples:
   ./$name auxiliary_cross
   ./$name all --config demo trainer.max_epochs=1
+  ./$name all seed=2300,2307,2400 hydra/launcher=slurm hydra.launcher.partition=gpu
   ./$name auxiliary_cross parity=seed_published
 USAGE
 }
@@ -36,30 +42,31 @@ strategy="$1"; shift
 config=cir_msiglip
 if [ "${1:-}" = --config ]; then config="${2:?--config needs a name}"; shift 2; fi
 
-declare -A overrides=(
-    [baseline]="loss.strategy=baseline loss.CIR=false loss.circle_loss_weight=0.0"
-    [auxiliary]="loss.strategy=auxiliary loss.CIR=true loss.circle_loss_weight=0.1"
-    [intrinsic]="loss.strategy=intrinsic loss.CIR=false loss.circle_loss_weight=0.0"
-    [circle_only]="loss.strategy=circle_only loss.NITC=false loss.CIR=false loss.circle_loss_weight=0.0"
-    [auxiliary_cross]="loss.strategy=auxiliary_cross loss.CIR=true loss.circle_loss_weight=0.1"
-)
-order=(baseline auxiliary intrinsic circle_only auxiliary_cross)
+strategies=(baseline auxiliary intrinsic circle_only auxiliary_cross)
+# The published recipe's Circle weight; only auxiliary and auxiliary_cross read it. Each strategy sets the rest.
+common=(loss.circle_loss_weight=0.1)
 if [ "$strategy" = all ]; then
-    strategies=("${order[@]}")
-elif [ -n "${overrides[$strategy]:-}" ]; then
-    strategies=("$strategy")
+    chosen=$(IFS=,; echo "${strategies[*]}")
+elif [[ " ${strategies[*]} " == *" $strategy "* ]]; then
+    chosen="$strategy"
 else
-    echo "Unknown strategy '$strategy'; valid: ${order[*]} all" >&2; exit 2
+    echo "Unknown strategy '$strategy'; valid: ${strategies[*]} all" >&2; exit 2
 fi
-tuning=$([ "$mode" = --lora ] && echo "lora=cir" || echo "backbone.freeze.vision=false backbone.freeze.text=false")
-
-failed=()
-for s in "${strategies[@]}"; do
-    echo "=== $s ($name, config $config)"
-    # shellcheck disable=SC2086  # the override strings are word lists on purpose
-    if ! uv run trainer.py -cn "$config" ${overrides[$s]} $tuning "$@"; then
-        failed+=("$s")
-    fi
+if [ "$mode" = --lora ]; then
+    tuning=(lora=cir)
+else
+    tuning=(backbone.freeze.vision=false backbone.freeze.text=false)
+fi
+sweep_dir=""
+for argument in "$@"; do
+    case "$argument" in hydra.sweep.dir=*) sweep_dir="${argument#hydra.sweep.dir=}";; esac
 done
-echo "=== ${#strategies[@]} run(s), ${#failed[@]} failed${failed:+: ${failed[*]}}"
-[ ${#failed[@]} -eq 0 ]
+launch=()
+if [ -z "$sweep_dir" ]; then
+    sweep_dir="multirun/${name%.sh}/$(date +%Y-%m-%d_%H-%M-%S)"
+    launch=("hydra.sweep.dir=$sweep_dir")
+fi
+
+echo "=== $name: strategies $chosen, config $config, sweep folder $sweep_dir"
+uv run trainer.py -cn "$config" -m "loss.strategy=$chosen" "${common[@]}" "${tuning[@]}" "${launch[@]}" "$@"
+uv run python -m scripts.sweep status "$sweep_dir"

@@ -6,6 +6,7 @@ definitions written without reading this code.
 
 from __future__ import annotations
 
+import re
 import shlex
 import subprocess
 from pathlib import Path
@@ -40,10 +41,10 @@ PARITY_VALUES = {
 
 
 def _seed_script_overrides(strategy: str) -> list[str]:
-    """The overrides run_cir_loss.sh / run_cir_full.sh pass for a strategy (read from the shared script body)."""
+    """The overrides run_cir_loss.sh / run_cir_full.sh give a strategy's job (read from the shared script body)."""
     script = (ROOT / "scripts" / "run_strategies.sh").read_text()
-    line = next(line for line in script.splitlines() if line.strip().startswith(f"[{strategy}]="))
-    return shlex.split(line.split("=", 1)[1])[0].split()
+    common = re.search(r"^common=\((.*)\)$", script, flags=re.M).group(1)
+    return [f"loss.strategy={strategy}", *shlex.split(common)]
 
 
 @pytest.mark.parametrize("config", ["demo", "cir_msiglip", "m_siglip", "siglip", "clip"])

@@ -60,7 +60,7 @@ def _script(name: str, strategy: str, demo_root: Path, tmp_path: Path) -> subpro
         *overrides,
         "trainer.max_epochs=1",
         "+trainer.limit_train_batches=2",
-        f"hydra.run.dir={tmp_path}/${{now:%H-%M-%S-%f}}",
+        f"hydra.sweep.dir={tmp_path}",
     ]
     return subprocess.run(
         command,
@@ -75,7 +75,8 @@ def _script(name: str, strategy: str, demo_root: Path, tmp_path: Path) -> subpro
 def test_run_cir_loss_trains_one_strategy_with_lora_on_the_demo(demo_root, tmp_path):
     done = _script("run_cir_loss.sh", "auxiliary_cross", demo_root, tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    assert "1 run(s), 0 failed" in done.stdout
+    assert "=== 1 job(s): 1 finished, 0 failed" in done.stdout
+    assert len(list(tmp_path.glob("*/results.json"))) == 1
 
 
 @pytest.mark.slow
@@ -83,4 +84,4 @@ def test_run_cir_loss_trains_one_strategy_with_lora_on_the_demo(demo_root, tmp_p
 def test_scripts_run_all_five_strategies_on_the_demo(script, demo_root, tmp_path):
     done = _script(script, "all", demo_root, tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    assert "5 run(s), 0 failed" in done.stdout
+    assert "=== 5 job(s): 5 finished, 0 failed" in done.stdout

@@ -415,9 +415,12 @@ def test_7_contradictory_strategy_overrides_are_refused_with_the_fix(overrides, 
 
 
 def _script_override_sets() -> dict[str, list[str]]:
-    """The per-strategy overrides of scripts/run_strategies.sh (run_cir_loss.sh / run_cir_full.sh)."""
+    """Strategy -> the overrides scripts/run_strategies.sh (run_cir_loss.sh / run_cir_full.sh) gives its job."""
     text = (ROOT / "scripts" / "run_strategies.sh").read_text()
-    return {name: values.split() for name, values in re.findall(r'^\s*\[(\w+)\]="([^"]*)"', text, flags=re.M)}
+    strategies, common = (
+        re.search(rf"^{name}=\((.*)\)$", text, flags=re.M).group(1).split() for name in ("strategies", "common")
+    )
+    return {strategy: [f"loss.strategy={strategy}", *common] for strategy in strategies}
 
 
 def test_7_seed_script_override_sets_are_the_five_strategies():
