@@ -15,10 +15,12 @@ person ids (every id has at least two images, ICFG about 20; every 100th image a
   gallery then scores above a query's lowest-scoring relevant item.
 
 Every (size, scores, method) triple runs in a fresh subprocess: it builds the matrix, warms up on 64 queries, then
-measures the time of the full call (fastest of ``--repeats``) and the peak memory above what existed once the matrix was
-built: on the CPU the resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs), on CUDA
-``torch.cuda.max_memory_allocated``. Both methods must return the same numbers (to 1e-9 percentage points, float64
-summation order aside). Results: ``bench/results/eval_metrics_<device>.md`` and ``.json``.
+measures the time of the full call (fastest of ``--repeats``; wall time, and on the CPU also CPU time, from which the
+CPU speed-up is taken since other processes on shared cores stretch wall times) and the peak memory above what
+existed once the matrix was built: on the CPU the resident-set high-water mark (VmHWM, reset through
+/proc/self/clear_refs), on CUDA ``torch.cuda.max_memory_allocated``. Both methods must return the same numbers (to
+1e-9 percentage points, float64 summation order aside). Results: ``bench/results/eval_metrics_<device>.md`` and
+``.json``.
 """
 
 from __future__ import annotations
@@ -177,16 +179,18 @@ def run_worker(args: argparse.Namespace) -> dict:
     method(similarity[:64], query_pids[:64], gallery_pids)  # warm-up: thread pool, kernels, allocator
     meter = PEAK_METERS[device.type]()
     meter.start()
-    seconds = []
+    seconds, cpu_seconds = [], []
     for _ in range(args.repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         metrics = method(similarity, query_pids, gallery_pids)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
+        cpu_seconds.append(time.process_time() - start_cpu)
     result = {
         "seconds": min(seconds),
         "all_seconds": seconds,
+        "cpu_seconds": min(cpu_seconds),
         "extra_peak_bytes": meter.extra_bytes(),
         "peak_reset": meter.reset,
         "metrics": metrics,
@@ -235,13 +239,19 @@ def _mem_available_bytes() -> int | None:
     return next((int(line.split()[1]) * 1024 for line in lines if line.startswith("MemAvailable:")), None)
 
 
-def compare(reference: dict, ours: dict) -> dict:
-    """Speed-up, memory ratio and largest metric difference of two worker results (None where one is missing)."""
+def compare(reference: dict, ours: dict, device: str) -> dict:
+    """Speed-up, memory ratio and largest metric difference of two worker results (None where one is missing).
+
+    On the CPU the speed-up is the ratio of CPU times (user + system): other processes on shared cores stretch the
+    wall time of a run, not the CPU time it uses; ``wall_speedup`` is kept beside it. On CUDA both are wall times.
+    """
     if "seconds" not in reference or "seconds" not in ours:
-        return {"speedup": None, "memory_ratio": None, "max_abs_diff": None, "identical": None}
+        return {"speedup": None, "wall_speedup": None, "memory_ratio": None, "max_abs_diff": None, "identical": None}
+    timer = "cpu_seconds" if device == "cpu" else "seconds"
     diff = max(abs(reference["metrics"][key] - ours["metrics"][key]) for key in ours["metrics"])
     return {
-        "speedup": reference["seconds"] / ours["seconds"],
+        "speedup": reference[timer] / ours[timer],
+        "wall_speedup": reference["seconds"] / ours["seconds"],
         "memory_ratio": ours["extra_peak_bytes"] / max(reference["extra_peak_bytes"], 1),
         "max_abs_diff": diff,
         "identical": diff <= TOLERANCE,
@@ -259,15 +269,16 @@ def device_description(device: str) -> str:
 
 def markdown(report: dict) -> str:
     """Render the report as a markdown table with the settings and the goal verdicts."""
-    settings = report["settings"]
+    settings, device = report["settings"], report["settings"]["device"]
     lines = [
         f"# rank_metrics vs full-sort reference ({settings['device']})",
         "",
         f"{settings['device_name']}; torch {settings['torch']}; threads {settings['threads']}; "
         f"best of {settings['repeats']} run(s); rank_metrics budget {settings['memory_budget']}; {settings['date']}.",
         "Extra peak = peak memory above what existed once the similarity matrix was built "
-        f"({'VmHWM' if settings['device'] == 'cpu' else 'torch.cuda.max_memory_allocated'}). "
-        f"Identical = every metric within {TOLERANCE:g} percentage points. Scores: realistic = a trained model's, "
+        f"({'VmHWM' if device == 'cpu' else 'torch.cuda.max_memory_allocated'}). "
+        f"Identical = every metric within {TOLERANCE:g} percentage points. {_timing_note(device)} "
+        "Scores: realistic = a trained model's, "
         "float16 grid; random = standard normal (an untrained model). Above lowest relevant = entries scoring at "
         "least their query's lowest relevant score.",
         "",
@@ -281,16 +292,36 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {row['label']} | {row['scores']} | {row['queries']:,} x {row['gallery']:,} "
             f"| {_gb(row['queries'] * row['gallery'] * 4)} "
-            f"| {_seconds(ref)} | {_seconds(ours)} | {_ratio(cmp['speedup'], 'x')} | {_peak(ref)} | {_peak(ours)} "
-            f"| {_ratio(cmp['memory_ratio'], '%')} | {_identical(cmp)} "
+            f"| {_seconds(ref, device)} | {_seconds(ours, device)} | {_speedup(cmp)} | {_peak(ref)} | {_peak(ours)} "
+            f"| {_percent(cmp['memory_ratio'])} | {_identical(cmp)} "
             f"| {_triple(metrics)} | {_fraction(ours.get('candidate_fraction'))} |"
         )
     lines += ["", *report["verdicts"], ""]
     return "\n".join(lines)
 
 
-def _seconds(result: dict) -> str:
-    return f"{result['seconds']:.2f} s" if "seconds" in result else result.get("skipped") or result["error"]
+def _timing_note(device: str) -> str:
+    if device != "cpu":
+        return "Times are wall times."
+    return (
+        "Times: wall (CPU time, user + system); the speed-up is the ratio of CPU times (of wall times in brackets): "
+        "other processes on shared cores stretch a run's wall time, not the CPU time it uses."
+    )
+
+
+def _seconds(result: dict, device: str) -> str:
+    if "seconds" not in result:
+        return result.get("skipped") or result["error"]
+    cpu = f" ({result['cpu_seconds']:.2f} s)" if device == "cpu" else ""
+    return f"{result['seconds']:.2f} s{cpu}"
+
+
+def _speedup(comparison: dict) -> str:
+    if comparison["speedup"] is None:
+        return "-"
+    if comparison["speedup"] == comparison["wall_speedup"]:  # CUDA: both are wall times
+        return f"{comparison['speedup']:.1f}x"
+    return f"{comparison['speedup']:.1f}x (wall {comparison['wall_speedup']:.1f}x)"
 
 
 def _gb(nbytes: float) -> str:
@@ -301,10 +332,8 @@ def _peak(result: dict) -> str:
     return _gb(result["extra_peak_bytes"]) if "extra_peak_bytes" in result else "-"
 
 
-def _ratio(value: float | None, unit: str) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.1f}x" if unit == "x" else f"{100 * value:.1f}%"
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
 
 
 def _identical(comparison: dict) -> str:
@@ -339,7 +368,7 @@ def verdicts(rows: list[dict]) -> list[str]:
         else:
             verdict = f"not a goal size, would be {'met' if met else 'missed'}"
         same = "identical" if cmp["identical"] else "DIFFERENT"
-        measured = f"{cmp['speedup']:.1f}x, {100 * cmp['memory_ratio']:.1f}%, {same}"
+        measured = f"{_speedup(cmp)}; {100 * cmp['memory_ratio']:.1f}% of the extra peak; {same}"
         lines.append(f"- {name} ({goal}): {verdict} ({measured}).")
     return lines
 
@@ -388,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{size.label}, {scores} scores: {method} ...", flush=True)
                 row[method] = {"skipped": skip} if skip else spawn(method, name, scores, args)
                 print(f"  {row[method]}", flush=True)
-            row["comparison"] = compare(row["reference"], row["rank_metrics"])
+            row["comparison"] = compare(row["reference"], row["rank_metrics"], args.device)
             rows.append(row)
 
     report = {
