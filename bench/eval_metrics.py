@@ -57,8 +57,9 @@ TOLERANCE = 1e-9  # percentage points
 # reference's extra peak memory, identical metrics.
 GOAL_SIZES = ("12k", "icfg")
 GOAL_SPEEDUP, GOAL_MEMORY_RATIO = 10.0, 0.10
-# Extra peak of the reference per query-gallery entry, measured on the CPU (see reference_rank.py).
-REFERENCE_BYTES_PER_ENTRY = 49
+# Extra peak of the reference per query-gallery entry, measured on the CPU (see reference_rank.py): 41 bytes from
+# CUHK-PEDES size up (49 at VN3K size, where fixed costs weigh more); decides whether the reference fits in memory.
+REFERENCE_BYTES_PER_ENTRY = 41
 
 
 @dataclass(frozen=True)

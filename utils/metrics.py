@@ -6,7 +6,8 @@ same-camera filtering). Unlike IRRA, ties are broken deterministically: among eq
 ranks first, so results do not depend on the device or on the sort implementation.
 
 Only the ranks of relevant items enter the metrics, and the rank of relevant item j of a query is
-``1 + #{g : s_g > s_j} + #{g < j : s_g == s_j}``: a count, so the gallery is never sorted. Per chunk of queries:
+``1 + #{g : s_g > s_j} + #{g < j : s_g == s_j}``: a count, so rows are never sorted in full (unless all their
+scores tie). Per chunk of queries:
 
 1. Every score goes into one of ``B + 2`` bins of its row (``B`` about G / 8, see ``_num_bins``): ``B`` equal-width
    bins spanning the row's relevant scores plus one bin below and one above them. The score -> bin map is a chain of
@@ -20,8 +21,8 @@ Only the ranks of relevant items enter the metrics, and the rank of relevant ite
    order. Rank = 1 + (items in higher bins without a relevant item) + (position among the exactly ranked ones).
 
 The cost is about ten passes over the chunk plus work proportional to the exactly ranked items; memory is bounded by
-a budget (``BYTES_PER_ENTRY`` per query-gallery entry of a chunk, whatever the scores: if every score is tied, every
-item is ranked exactly).
+a budget (``BYTES_PER_ENTRY`` per query-gallery entry of a chunk, whatever the scores: if every score of a row is
+tied, every item of it is ranked exactly, a sort of the whole row).
 """
 
 from collections.abc import Sequence
