@@ -140,16 +140,104 @@ def test_matches_reference_on_long_gallery_with_many_ties(device):
     _assert_metrics_equal(metrics, _reference(similarity, query_pids, gallery_pids, (1, 5, 10)))
 
 
+def _use_bins(monkeypatch, num_bins: int) -> None:
+    """Make rank_metrics span every row's relevant scores with exactly `num_bins` bins, whatever the gallery size."""
+    monkeypatch.setattr(metrics, "_MIN_BINS", num_bins)
+    monkeypatch.setattr(metrics, "_ITEMS_PER_BIN", 10**9)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("num_bins", [2, 3, 256])
 @pytest.mark.parametrize(("chunk_size", "seed"), [(1, 0), (7, 1), (None, 2)])
 def test_matches_reference_on_structured_scores(monkeypatch, device, num_bins, chunk_size, seed):
-    # Two bins send every candidate through the exact sort; 256 bins count most of them per bin instead.
-    monkeypatch.setattr(metrics, "_NUM_BINS", num_bins)
+    # Two bins rank most items between the relevant scores exactly; 256 bins count most of them per bin instead.
+    _use_bins(monkeypatch, num_bins)
     similarity, query_pids, gallery_pids = _structured_case(40, 400, seed)
     ks = (1, 5, 10, 400)
     actual = rank_metrics(similarity.to(device), query_pids, gallery_pids, ks=ks, chunk_size=chunk_size)
     _assert_metrics_equal(actual, _reference(similarity, query_pids, gallery_pids, ks))
+
+
+def _normal_case(num_queries: int, num_gallery: int, num_ids: int, seed: int, dtype: torch.dtype = torch.float32):
+    """Standard normal scores, as an untrained model gives, with every id at least twice in the gallery."""
+    gen = torch.Generator().manual_seed(seed)
+    spread = torch.randint(0, num_ids, (num_gallery - 2 * num_ids,), generator=gen)
+    gallery_pids = torch.cat([torch.arange(num_ids), torch.arange(num_ids), spread])
+    gallery_pids = gallery_pids[torch.randperm(num_gallery, generator=gen)]
+    query_pids = gallery_pids[torch.randint(0, num_gallery, (num_queries,), generator=gen)]
+    return torch.randn(num_queries, num_gallery, generator=gen).to(dtype), query_pids, gallery_pids
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("num_ids", "chunk_size"), [(2, 7), (20, None), (250, 4)])
+def test_matches_definition_on_standard_normal_scores(device, num_ids, chunk_size):
+    # Half the gallery scores above a query's lowest relevant item: the case the dense bin counts exist for.
+    similarity, query_pids, gallery_pids = _normal_case(24, 600, num_ids, seed=num_ids)
+    ks = (1, 5, 10, 600)
+    actual = rank_metrics(similarity.to(device), query_pids, gallery_pids, ks=ks, chunk_size=chunk_size)
+    _assert_metrics_equal(actual, _reference(similarity, query_pids, gallery_pids, ks))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_bins", [2, 256])
+@pytest.mark.parametrize(
+    ("values", "num_ids"),
+    [(3, 7), (2, 40), (1, 7), (1, 1), (3, 1)],
+    ids=["three_values", "two_values", "all_equal", "all_equal_one_pid", "three_values_one_pid"],
+)
+def test_matches_definition_under_heavy_ties(monkeypatch, device, num_bins, values, num_ids):
+    # Ties between relevant and irrelevant items everywhere: ranks then hinge on gallery order alone.
+    _use_bins(monkeypatch, num_bins)
+    gen = torch.Generator().manual_seed(values * 100 + num_ids)
+    gallery_pids = torch.randint(0, num_ids, (300,), generator=gen)
+    gallery_pids[:num_ids] = torch.arange(num_ids)
+    query_pids = gallery_pids[torch.randint(0, 300, (20,), generator=gen)]
+    similarity = torch.randint(0, values, (20, 300), generator=gen).float() / 4 - 0.25
+    ks = (1, 5, 10, 300)
+    actual = rank_metrics(similarity.to(device), query_pids, gallery_pids, ks=ks, chunk_size=6)
+    _assert_metrics_equal(actual, _reference(similarity, query_pids, gallery_pids, ks))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_definition_with_many_relevant_items_per_query(device):
+    # Image-to-text layout: each image query has every caption of its person (here 30 to 120 of them) relevant,
+    # next to one query whose person owns most of the gallery.
+    gen = torch.Generator().manual_seed(9)
+    caption_pids = torch.cat([torch.full((n,), pid) for pid, n in enumerate([30, 45, 60, 120, 400])])
+    caption_pids = caption_pids[torch.randperm(len(caption_pids), generator=gen)]
+    image_pids = torch.tensor([0, 1, 1, 2, 3, 3, 3, 4, 0, 2])
+    centres = torch.randn(5, 8, generator=gen)
+    captions = torch.nn.functional.normalize(centres[caption_pids] + torch.randn(655, 8, generator=gen), dim=1)
+    images = torch.nn.functional.normalize(centres[image_pids] + torch.randn(10, 8, generator=gen), dim=1)
+    similarity = (images @ captions.T).half().float()  # float16 grid: ties among the relevant items too
+    ks = (1, 5, 10, 655)
+    for chunk_size in (1, 3, None):
+        actual = rank_metrics(similarity.to(device), image_pids, caption_pids, ks=ks, chunk_size=chunk_size)
+        _assert_metrics_equal(actual, _reference(similarity, image_pids, caption_pids, ks))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_scores_of_an_untrained_model(device, dtype):
+    # Normal scores on the float16/bfloat16 grid: thousands of exact ties per row, binned and sorted in float32.
+    similarity, query_pids, gallery_pids = _normal_case(12, 3000, 300, seed=11, dtype=dtype)
+    actual = rank_metrics(similarity.to(device), query_pids, gallery_pids, chunk_size=5)
+    _assert_metrics_equal(actual, _reference(similarity, query_pids, gallery_pids, (1, 5, 10)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_chunk_boundaries_do_not_change_the_metrics(device):
+    # Queries sorted by their number of relevant items: every chunk pads to a different maximum.
+    similarity, query_pids, gallery_pids = _structured_case(45, 500, seed=12)
+    relevant_counts = (query_pids[:, None] == gallery_pids[None, :]).sum(1)
+    order = torch.argsort(relevant_counts, stable=True)
+    similarity, query_pids = similarity[order], query_pids[order]
+    expected = reference_rank(similarity, query_pids, gallery_pids, (1, 5, 10, 500))
+    for chunk_size in (1, 2, 8, 44, 45, 46):
+        actual = rank_metrics(
+            similarity.to(device), query_pids, gallery_pids, ks=(1, 5, 10, 500), chunk_size=chunk_size
+        )
+        _assert_metrics_equal(actual, expected)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -195,7 +283,7 @@ def test_memory_budget_sets_chunk_rows(monkeypatch, budget):
 
     monkeypatch.setattr(metrics, "_rank_chunk", recording_worker)
     actual = rank_metrics(similarity, query_pids, gallery_pids, memory_budget_bytes=budget)
-    row_bytes = 400 * BYTES_PER_ENTRY + metrics._BYTES_PER_ROW
+    row_bytes = 400 * BYTES_PER_ENTRY + (metrics._num_bins(400) + 2) * metrics._BYTES_PER_BIN
     assert rank_chunk_rows(400, budget) == budget // row_bytes
     assert chunk_rows[0] * row_bytes <= budget < (chunk_rows[0] + 1) * row_bytes  # the largest chunk that fits
     assert all(rows <= chunk_rows[0] for rows in chunk_rows) and sum(chunk_rows) == 97
@@ -229,16 +317,24 @@ def _peak_cpu_bytes(fn) -> int:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     ("case", "dtype"),
-    [("all_tied_one_pid", torch.float64), ("all_tied", torch.float16), ("random", torch.float32)],
+    [
+        ("all_tied_one_pid", torch.float64),
+        ("all_tied", torch.float16),
+        ("random", torch.float32),
+        ("normal_one_pid", torch.float32),
+        ("normal", torch.bfloat16),
+    ],
 )
 def test_peak_memory_within_budget(device, case, dtype):
-    # Worst cases: every item a candidate sharing the relevant items' bin (all tied), float64 scores.
+    # Worst cases: every item ranked exactly (all tied), every item relevant (one pid), float64 scores.
     num_queries, num_gallery, budget = 60, 1000, 2_000_000
     gen = torch.Generator().manual_seed(8)
-    gallery_pids = torch.arange(num_gallery) % (1 if case == "all_tied_one_pid" else 40)
+    gallery_pids = torch.arange(num_gallery) % (1 if case.endswith("one_pid") else 40)
     query_pids = gallery_pids[torch.randint(0, num_gallery, (num_queries,), generator=gen)].to(device)
     similarity = torch.rand(num_queries, num_gallery, generator=gen)
-    if case != "random":
+    if case.startswith("normal"):
+        similarity = torch.randn(num_queries, num_gallery, generator=gen)
+    if case.startswith("all_tied"):
         similarity.zero_()
     similarity, gallery_pids = similarity.to(device, dtype), gallery_pids.to(device)
 
