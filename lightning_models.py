@@ -247,9 +247,9 @@ class TBPSLitModule(L.LightningModule):
 
         One host synchronisation (plus one all-reduce of a flag under DDP).
         """
-        flag = self._non_finite
+        flag = getattr(self, "_non_finite", None)  # None until a training step ran (or for a bare hook call)
         finite = flag is None or not bool(flag)
-        if self.trainer.world_size > 1:
+        if world_size() > 1:  # torch.distributed's: a bare hook call (no trainer) has none
             finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
         if finite:
             return

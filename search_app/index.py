@@ -323,7 +323,7 @@ def _commit(
         manifest["backend"]["ivf_file"] = _write_named(index_dir, "ivf", "faiss", ivf[0])
     name = _write_named(index_dir, "embeddings", "safetensors", save(tensors))
     atomic_write_json(index_dir / MANIFEST, {**manifest, "embeddings_file": name})
-    current = {name, manifest["backend"].get("ivf_file")}
+    current = {name, manifest.get("backend", {}).get("ivf_file")}
     for stale in [*index_dir.glob("embeddings.*.safetensors"), *index_dir.glob("ivf.*.faiss")]:
         if stale.name not in current:
             stale.unlink()

@@ -160,8 +160,12 @@ def test_configs_name_no_classes_to_instantiate():
     """`_target_` in a config would let config text import and call any class (hydra.utils.instantiate)."""
     configs = sorted((ROOT / "config").rglob("*.yaml"))
     assert len(configs) > 20
+    # Hydra's own plugin settings (launchers, the Optuna sampler) name the plugin classes Hydra instantiates itself;
+    # they sit under the `hydra` key or in config/hydra/, never in the training config a checkpoint stores.
+    configs = [path for path in configs if "hydra" not in path.relative_to(ROOT / "config").parts[:1]]
     for path in configs:
-        keys = _yaml_keys(yaml.safe_load(path.read_text(encoding="utf-8")))
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        keys = _yaml_keys({key: value for key, value in (loaded or {}).items() if key != "hydra"})
         assert not keys & {"_target_", "_partial_", "_call_", "_args_"}, path
 
 
