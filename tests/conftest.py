@@ -84,3 +84,15 @@ def demo_overrides(root: Path, *extra: str) -> list[str]:
         "backbone.tiny=null",
         *extra,
     ]
+
+
+@pytest.fixture(autouse=True)
+def _rank_zero_restored():
+    """Lightning's DDP strategy sets the process-wide rank-zero flag when a Trainer is built; a test that builds one
+    for a simulated rank > 0 would otherwise silence every later test's loggers (they log on rank 0 only).
+    """
+    from lightning_utilities.core.rank_zero import rank_zero_only
+
+    rank = getattr(rank_zero_only, "rank", 0)
+    yield
+    rank_zero_only.rank = rank
