@@ -127,10 +127,12 @@ def test_two_torchrun_nodes_train_as_one_process_on_the_global_batch(demo_root, 
     assert nodes["best_checkpoint"].replace(str(nodes_dir), "") == single["best_checkpoint"].replace(
         str(single_dir), ""
     )
+    # The weights agree to float rounding (below), so embeddings differ by ~1e-7: that can swap two near-tied gallery
+    # items (one swap moves the demo's i2t mAP by ~5e-4 points), never a whole point as a different training would.
     for split in ("val", "test_last", "test"):
         for task in ("t2i", "i2t"):
             for metric, value in single[split][task].items():
-                assert nodes[split][task][metric] == pytest.approx(value, abs=1e-9), (split, task, metric)
+                assert nodes[split][task][metric] == pytest.approx(value, abs=0.05), (split, task, metric)
     trained, expected = (
         _weights_with_a_gradient(folder / "checkpoints" / "last.ckpt") for folder in (nodes_dir, single_dir)
     )
