@@ -16,7 +16,7 @@ from torch import Tensor
 
 from config_schema import typed
 from data.datasets import load_rgb
-from model.backbone import patch_size_of
+from model.backbone import enable_gradient_checkpointing, patch_size_of
 from model.build import build_model, compile_towers
 from model.features import TrainFeatures, gathered
 from model.memory import StepShape, needs_checkpointing
@@ -111,6 +111,7 @@ class TBPSLitModule(L.LightningModule):
         self._non_finite: Tensor | None = None
         self._non_finite_step = self._non_finite_terms = None
         self._term_names: list[str] = []
+        self._compiled = False  # setup() runs for fit and again for test: compile once
         self.eval_results: dict[str, dict[str, dict[str, float]]] = {}
         #: Printed after "Val results" / "Test results" (which split and which weights the table is about).
         self.eval_labels: dict[str, str] = {}
@@ -155,11 +156,11 @@ class TBPSLitModule(L.LightningModule):
         )
         log.info("Memory plan: %s.", reason)
         if on:
-            self.model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_gradient_checkpointing(self.model.backbone)
 
     def _compile_towers(self) -> None:
         """`backbone.compile`: torch.compile the towers' layers in place (checkpoints keep their keys)."""
-        if not self.cfg.backbone.compile or getattr(self, "_compiled", False):
+        if not self.cfg.backbone.compile or self._compiled:
             return
         count = compile_towers(self.model.backbone)
         self._compiled = True

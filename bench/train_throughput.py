@@ -243,9 +243,7 @@ def run_bare(cfg, variant: Variant, pool: BatchPool, warmup: int) -> dict:
     torch.manual_seed(0)
     module = TBPSLitModule(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, objective = module.model.to(device).train(), module.objective
-    if cfg.backbone.gradient_checkpointing:
-        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model, objective = module.model.to(device).train(), module.objective  # checkpointing set by build_model
     if cfg.backbone.compile:
         compile_towers(model.backbone)
     optimizer = build_optimizer(cfg.optimizer, model)

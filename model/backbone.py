@@ -162,8 +162,15 @@ def load_backbone(
     if image_size is not None and not has_class_token(model):
         resize_image_positions(model, tuple(image_size))
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     return model
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute both towers' activations in the backward pass; non-reentrant, so frozen inputs and LoRA adapters
+    inside checkpointed blocks still receive gradients.
+    """
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def patch_size_of(model: PreTrainedModel) -> int:
