@@ -3,6 +3,7 @@
 # every row).
 #   bench/gpu_session.sh                                  # all sections
 #   bench/gpu_session.sh train_throughput eval_metrics    # only the named ones
+#   TRAIN_ARGS="--variants full:before lora:all" bench/gpu_session.sh train_throughput   # arguments of that bench
 # Sections: train_throughput (speed and memory levers, MFU), data_throughput (workers needed to feed the measured rate,
 # on this machine's CPUs), eval_metrics (ranking on the GPU), strategies (the five strategies' losses).
 # Run from the repository root on a CUDA machine whose python3 has torch, transformers, lightning and peft;
@@ -24,7 +25,7 @@ wanted() { [ -z "$sections" ] || [[ " $sections " == *" $1 "* ]]; }
 copy_out() { if [ -n "${OUT:-}" ]; then cp "$out"/*.md "$out"/*.json "$OUT"/ 2>/dev/null; fi; }
 if wanted train_throughput; then
     echo "== train_throughput"
-    timeout "${TRAIN_TIMEOUT:-330}" python3 -m bench.train_throughput --out "$out" 2>&1 \
+    timeout "${TRAIN_TIMEOUT:-330}" python3 -m bench.train_throughput --out "$out" ${TRAIN_ARGS:-} 2>&1 \
         | grep -v -i -E 'warn|^\s*$|LOCAL_RANK|GPU available|TPU available|HPU available' | tail -40
     copy_out
 fi

@@ -10,15 +10,18 @@ project's selected recipe (auxiliary_cross: N-ITC + cross-modal Circle, MVS, Sim
 captions of 64 tokens) on the same synthetic batches with `TBPSLitModule` in a `lightning.Trainer`; variants marked
 "bare" also run a hand-written loop over the same model, objective and optimizer with the same levers (the
 Lightning/bare ratio). Variants add one lever at a time to `before` (the code's behaviour before these levers: every
-parameter trained, loop AdamW, a host synchronisation per step, eager):
+parameter trained, loop AdamW, a host synchronisation per step, frozen weights in fp32, eager):
 
 - `frozen-emb`: no gradient or AdamW state for the 250,000 x 768 token embedding (`backbone.freeze.token_embedding`);
 - `fused`: torch's fused AdamW (`optimizer.fused`);
 - `8bit`: bitsandbytes' 8-bit AdamW;
 - `ckpt`: gradient checkpointing of both towers;
 - `compile`: torch.compile of the towers' layers (`backbone.compile`);
-- `all`: the defaults on CUDA (frozen embedding, fused AdamW, no per-step synchronisation, compiled);
-- `cap12`: `all` under a hard 12 GiB cap (`torch.cuda.set_per_process_memory_fraction`), the seed's RTX 3060.
+- `all`: the defaults on CUDA (frozen embedding, fused AdamW, no per-step synchronisation, frozen linear weights in
+  bf16, compiled);
+- `cap12` / `cap8`: `all` under a hard 12 / 8 GiB cap (`torch.cuda.set_per_process_memory_fraction`; the seed's RTX
+  3060, an 8 GB card), gradient checkpointing left to the memory plan;
+- `fp32-frozen`: LoRA's frozen base weights kept in fp32 (`backbone.half_precision_frozen_weights=false`).
 
 Reported per variant: samples/s after warm-up, speed-up over `before` of the same mode, peak allocated memory, the
 model FLOPs per sample (`torch.utils.flop_counter` over one eager forward and backward), achieved TFLOP/s and MFU
@@ -31,11 +34,10 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import resource
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -44,12 +46,12 @@ from hydra import compose, initialize_config_dir
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import SiglipConfig, SiglipModel
 
+from bench.train_throughput_report import Report, compare_with_eager_twin, fmt, peak_tflops
 from config_schema import register_schema
 from lightning_models import TBPSLitModule
 from model.build import compile_towers
 from model.strategies import StepContext
 from solver.build import build_optimizer
-from utils.io import atomic_write_json, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -60,14 +62,13 @@ SMALL = dict(
     vision=dict(image_size=256, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4),
     image=(128, 48),
 )
-#: Dense bf16 tensor-core peak (no sparsity) by device-name fragment, TFLOP/s, from the vendors' data sheets.
-PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "A100": 312.0, "RTX 3060": 51.2}
 
 BEFORE = [
     "backbone.freeze.token_embedding=false",
     "optimizer.fused=false",
     "backbone.compile=false",
     "backbone.gradient_checkpointing=false",
+    "backbone.half_precision_frozen_weights=false",
 ]
 ALL = ["backbone.compile=true", "backbone.gradient_checkpointing=false"]
 NO_DROPOUT = ["backbone.text_config.attention_dropout=0.0", "++backbone.vision_config.attention_dropout=0.0"]
@@ -98,7 +99,8 @@ def _variants() -> list[Variant]:
             Variant("before", lora, tuple(BEFORE), sync_every_step=True, bare=True),
             Variant("all", lora, tuple(ALL), bare=True, eager_twin="all-eager"),
             Variant("all-eager", lora, eager),
-            Variant(f"all-cap{cap:.0f}GiB", lora, tuple(ALL), cap_gib=cap),
+            # Checkpointing left to the memory plan (auto), which sees the cap.
+            Variant(f"all-cap{cap:.0f}GiB", lora, (ALL[0], "backbone.gradient_checkpointing=null"), cap_gib=cap),
         ]
     frozen = ("backbone.freeze.token_embedding=true", *BEFORE[1:])
     out += [
@@ -108,6 +110,8 @@ def _variants() -> list[Variant]:
         Variant("frozen-emb+fused", False, (frozen[0], "optimizer.fused=true", *BEFORE[2:]), sync_every_step=True),
         Variant("all+8bit", False, (*ALL, "optimizer.type=bitsandbytes.optim.AdamW8bit")),
         Variant("all+ckpt", False, (ALL[0], "backbone.gradient_checkpointing=true")),
+        Variant("all-fp32-frozen", True, (*ALL, "backbone.half_precision_frozen_weights=false")),
+        Variant("all+ckpt", True, (ALL[0], "backbone.gradient_checkpointing=true")),
         # Compiled vs eager with dropout off: the loss difference is then the compiler's numerics alone.
         Variant("no-dropout", False, (*ALL, *NO_DROPOUT), eager_twin="no-dropout-eager"),
         Variant("no-dropout-eager", False, (*eager, *NO_DROPOUT)),
@@ -179,11 +183,16 @@ def _reset_peak() -> None:
 
 
 class _Recorder(L.Callback):
-    """Starts the clock after warm-up and keeps each step's loss on the device (no synchronisation per step)."""
+    """Times the steps after warm-up and keeps each step's loss on the device (no synchronisation per step).
 
-    def __init__(self, warmup: int, sync_every_step: bool):
-        self.warmup, self.sync_every_step = warmup, sync_every_step
-        self.start = None
+    The clock stops at the end of the last step, not when `fit` returns: Lightning's teardown moves the model and the
+    optimizer state to the CPU (seconds for the full model), which is not training throughput.
+    """
+
+    def __init__(self, warmup: int, steps: int, sync_every_step: bool):
+        self.warmup, self.steps, self.sync_every_step = warmup, steps, sync_every_step
+        self.start = self.stop = None
+        self.peak_gib = None
         self.losses: list[torch.Tensor] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -196,12 +205,16 @@ class _Recorder(L.Callback):
         self.losses.append(outputs["loss"].detach())
         if self.sync_every_step:
             pl_module.check_finite()  # what the code did before: a host read of the loss after every step
+        if batch_idx == self.steps - 1:
+            _sync()
+            self.stop = time.perf_counter()
+            self.peak_gib = _peak_gib()
 
 
 def run_lightning(cfg, variant: Variant, pool: BatchPool, warmup: int) -> dict:
     torch.manual_seed(0)
     module = TBPSLitModule(cfg)
-    recorder = _Recorder(warmup, variant.sync_every_step)
+    recorder = _Recorder(warmup, len(pool), variant.sync_every_step)
     trainer = L.Trainer(
         max_steps=len(pool),
         precision=cfg.trainer.precision,
@@ -217,11 +230,9 @@ def run_lightning(cfg, variant: Variant, pool: BatchPool, warmup: int) -> dict:
     )
     loader = torch.utils.data.DataLoader(pool, batch_size=None, shuffle=False, pin_memory=torch.cuda.is_available())
     trainer.fit(module, train_dataloaders=loader)
-    _sync()
-    elapsed = time.perf_counter() - recorder.start
     result = {
-        "samples_per_s": (len(pool) - warmup) * variant.batch / elapsed,
-        "peak_gib": _peak_gib(),
+        "samples_per_s": (len(pool) - warmup) * variant.batch / (recorder.stop - recorder.start),
+        "peak_gib": recorder.peak_gib,
         "trainable": sum(p.numel() for p in module.parameters() if p.requires_grad),
         "losses": [float(loss) for loss in recorder.losses],
         "checkpointing": bool(module.model.backbone.is_gradient_checkpointing),
@@ -289,45 +300,6 @@ def _free() -> None:
         torch.cuda.set_per_process_memory_fraction(1.0)
 
 
-def peak_tflops(device: str) -> float | None:
-    return next((peak for fragment, peak in PEAK_BF16_TFLOPS.items() if fragment in device), None)
-
-
-@dataclass
-class Report:
-    device: str
-    header: str
-    rows: list[dict] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
-
-    def write(self, out: Path, tag: str) -> None:
-        lines = [
-            self.header,
-            "",
-            "| variant | batch | trainable | samples/s | vs before | peak GiB | ckpt | TFLOP/s | MFU | bare samples/s "
-            "| Lightning/bare | max rel. loss diff vs eager |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for row in self.rows:
-            lines.append(
-                f"| {row['variant']} | {row['batch']} | {row['trainable']:,} | {row['samples_per_s']:.1f} | "
-                f"{_fmt(row.get('speedup'), '{:.2f}x')} | {row['peak_gib']:.2f} | "
-                f"{'on' if row['checkpointing'] else 'off'} | {_fmt(row.get('tflops'), '{:.0f}')} | "
-                f"{_fmt(row.get('mfu'), '{:.1%}')} | "
-                f"{_fmt(row.get('bare_samples_per_s'), '{:.1f}')} | {_fmt(row.get('ratio'), '{:.3f}')} | "
-                f"{_fmt(row.get('loss_rel_diff'), '{:.1e}')} |"
-            )
-        lines += [f"- failed: {failure}" for failure in self.failures]
-        atomic_write_text(out / f"train_throughput_{tag}.md", "\n".join(lines) + "\n")
-        atomic_write_json(
-            out / f"train_throughput_{tag}.json", {"device": self.device, "rows": self.rows, "failures": self.failures}
-        )
-
-
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None else spec.format(value)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="reduced shapes and fp32 (CPU smoke run)")
@@ -391,24 +363,15 @@ def main(argv: list[str] | None = None) -> None:
             done[variant.key] = row
             report.rows.append(row)
             for earlier in report.rows:
-                _compare(earlier, done)
+                compare_with_eager_twin(earlier, done)
             report.write(args.out, tag)
             print(
                 f"{variant.key} b{variant.batch}: {row['samples_per_s']:.1f} samples/s, {row['peak_gib']:.2f} GiB, "
-                f"MFU {_fmt(row['mfu'], '{:.1%}')}, vs before {_fmt(row['speedup'], '{:.2f}x')}, "
-                f"bare ratio {_fmt(row.get('ratio'), '{:.3f}')}",
+                f"MFU {fmt(row['mfu'], '{:.1%}')}, vs before {fmt(row['speedup'], '{:.2f}x')}, "
+                f"bare ratio {fmt(row.get('ratio'), '{:.3f}')}",
                 flush=True,
             )
     print(Path(args.out / f"train_throughput_{tag}.md").read_text())
-
-
-def _compare(row: dict, done: dict) -> None:
-    """Largest relative difference of the per-step total losses from the eager twin (compiled vs eager)."""
-    twin = done.get(row["eager_twin"]) if row.get("eager_twin") else None
-    if twin:
-        row["loss_rel_diff"] = max(
-            abs(a - b) / max(abs(b), 1e-12) for a, b in zip(row["losses"], twin["losses"]) if math.isfinite(b)
-        )
 
 
 if __name__ == "__main__":

@@ -225,7 +225,9 @@ def build_simclr_transform(size: tuple[int, int], mean: Sequence[float], std: Se
     height, width = size
     return v2.Compose(
         [
-            ShapeRelativeResizedCrop((height, width), scale=(0.2, 1.0), interpolation="bicubic", antialias=True),
+            ShapeRelativeResizedCrop(
+                (height, width), scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC, antialias=True
+            ),
             v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
             v2.RandomGrayscale(p=0.2),
             v2.RandomApply([GaussianBlurSigma(sigma=(0.1, 2.0))], p=0.5),

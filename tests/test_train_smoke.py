@@ -27,6 +27,31 @@ def test_fast_dev_run_executes_a_training_and_evaluation_step(demo_root, tmp_pat
     assert set(results["test"]) == {"t2i", "i2t"}
 
 
+def test_lora_under_bf16_mixed_keeps_frozen_linears_in_bf16_and_trains_the_adapters(demo_root, tmp_path, caplog):
+    class Weights(Callback):
+        def on_train_end(self, trainer, pl_module):
+            self.dtypes = {name: p.dtype for name, p in pl_module.model.named_parameters()}
+            self.trainable = {name for name, p in pl_module.model.named_parameters() if p.requires_grad}
+
+    weights = Weights()
+    overrides = (
+        "+trainer.fast_dev_run=true",
+        "++trainer.precision=bf16-mixed",
+        "lora=cir",
+        "dataset.test_batch_size=512",
+    )
+    with caplog.at_level("INFO"):
+        results = train(compose_config("demo", demo_overrides(demo_root, *overrides)), tmp_path, callbacks=[weights])
+    assert set(results["test"]) == {"t2i", "i2t"}
+    half = {name for name, dtype in weights.dtypes.items() if dtype == torch.bfloat16}
+    assert any(name.endswith("q_proj.base_layer.weight") for name in half)
+    assert not half & weights.trainable and any("lora_A" in name for name in weights.trainable)
+    assert all(weights.dtypes[name] == torch.float32 for name in weights.trainable)
+    assert (
+        f"{sum(name.endswith('.weight') for name in half)} frozen linear layers stored in torch.bfloat16" in caplog.text
+    )
+
+
 def test_short_demo_run_beats_chance_and_keeps_best_and_last_checkpoints(demo_root, tmp_path):
     cfg = compose_config("demo", demo_overrides(demo_root, "trainer.max_epochs=10", "dataset.batch_size=16"))
     results = train(cfg, tmp_path)

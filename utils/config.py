@@ -54,9 +54,10 @@ def parse_img_size(text: str | int | Iterable[int]) -> list[int]:
     return [int(value[0]), int(value[1])]
 
 
-#: DataLoader workers that feed the fastest measured training rate of the Circle-Loss recipe: 291 samples/s (a plain
-#: loop on an H200, bench/results/train_throughput_cuda.md) over 46.8 samples/s per worker for its four views
-#: (bench/results/data_throughput_cpu.md) is 6.2, so 7, plus one for the evaluation loaders' heavier first batches.
+#: DataLoader workers that feed the fastest measured training rate of the Circle-Loss recipe: 312 samples/s (LoRA
+#: on an H200, bench/results/train_throughput_cuda_40steps.md) over 46.8 to 50.0 samples/s per worker for its four
+#: views (bench/results/data_throughput_cpu.md, data_throughput_gpu_host.md) is 6.2 to 6.7, so 7, plus one for the
+#: evaluation loaders' heavier first batches. Measured: 8 workers gave 768 samples/s on the H200's host.
 WORKERS_TO_FEED_THE_GPU = 8
 
 
