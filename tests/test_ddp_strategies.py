@@ -135,6 +135,7 @@ def _worker(rank: int, port: int, checkpoint: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two processes train all five strategies: about 35 s on 2 cores
 def test_every_strategy_trains_under_ddp_without_searching_for_unused_parameters(tiny_checkpoint, tmp_path):
     mp.start_processes(
         _worker,

@@ -1,7 +1,7 @@
 """Faults: a killed run resumes to the same result; writes are atomic; fp16 losses stay finite.
 
-The SIGTERM / SIGINT tests run `trainer.py` for real in a subprocess (SIGTERM in the default run, SIGINT marked
-slow).
+The SIGTERM / SIGINT tests run `trainer.py` for real in a subprocess, twice (about a minute and a half with the
+uninterrupted run): marked slow, so CI runs them; the default run keeps `test_requeue`'s crashed-run resume.
 """
 
 from __future__ import annotations
@@ -136,10 +136,9 @@ def uninterrupted(demo_root, tmp_path_factory) -> dict:
 @pytest.mark.parametrize(
     ("signum", "expected_status"),
     [
-        # In the default run (about 50 s with the uninterrupted run): trainer.py turns Lightning's clean SIGTERM
-        # stop into 143.
-        pytest.param(signal.SIGTERM, 128 + signal.SIGTERM, id="SIGTERM"),
-        # Lightning catches KeyboardInterrupt, shuts down and exits 1; the same resume path, so CI's slow run.
+        # trainer.py turns Lightning's clean SIGTERM stop into 143.
+        pytest.param(signal.SIGTERM, 128 + signal.SIGTERM, id="SIGTERM", marks=pytest.mark.slow),
+        # Lightning catches KeyboardInterrupt, shuts down and exits 1.
         pytest.param(signal.SIGINT, 1, id="SIGINT", marks=pytest.mark.slow),
     ],
 )

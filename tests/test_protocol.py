@@ -98,6 +98,7 @@ def test_validation_loaders_use_the_validation_split_unless_parity_is_asked(demo
     assert len(parity.val_dataloader()[0].dataset) == len(splits.test.image_paths)
 
 
+@pytest.mark.slow  # three demo runs through the sweep launcher
 def test_seed_sweep_writes_a_mean_std_table(demo_root, tmp_path):
     """`scripts/seed_sweep.py`: one multirun over the seeds, their states, then the mean +- std table."""
     command = [

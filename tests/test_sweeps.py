@@ -44,6 +44,7 @@ def test_job_folder_names_are_the_overrides_as_one_safe_folder_name():
     assert len(named.encode()) <= MAX_FOLDER_NAME and named == job_folder_name(long_a) != job_folder_name(long_b)
 
 
+@pytest.mark.slow  # two multirun launches of demo jobs
 def test_a_second_launch_skips_finished_jobs_and_the_status_names_the_failed_one(demo_root, tmp_path):
     """The baseline job finished in an earlier launch; the other fails on bad input. Nothing trains."""
     overrides = demo_overrides(demo_root)
@@ -100,6 +101,7 @@ def test_ddp_jobs_of_a_sweep_need_the_slurm_launcher():
     check_sweep_ddp(slurm, slurm.hydra)  # srun starts one process per GPU; Lightning joins them
 
 
+@pytest.mark.slow  # a demo job through submitit with a fake sbatch
 def test_the_slurm_launcher_asks_sbatch_for_one_gpu_and_the_configured_resources(demo_root, tmp_path):
     """hydra/launcher=slurm: the sbatch script submitit writes (stand-in sbatch records it and refuses the job)."""
     bin_dir = tmp_path / "bin"
