@@ -13,7 +13,7 @@ import torch
 
 from search_app.backends import AUTO
 from search_app.encoder import SearchEncoder, fingerprint, load_encoder, same_weights
-from search_app.index import SearchIndex, SearchIndexError, check_backend
+from search_app.manifest import SearchIndex, SearchIndexError, check_backend
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from search_app.encoder import SearchEncoder
-from search_app.index import SearchIndex
+from search_app.manifest import SearchIndex
 from search_app.query import QueryResult, results_json, search
 
 log = logging.getLogger(__name__)

@@ -222,10 +222,10 @@ def test_training_checkpoints_load_as_plain_tensors(demo_root, tmp_path):
 
 
 def test_search_index_is_safetensors_and_json_and_loads_without_unpickling(tmp_path, monkeypatch):
-    from search_app.index import SearchIndex, _commit
+    from search_app.manifest import SearchIndex, commit_index
 
     embeddings = torch.randn(3, 4)
-    _commit(tmp_path / "index", _index_manifest(tmp_path, 3), embeddings)
+    commit_index(tmp_path / "index", _index_manifest(tmp_path, 3), embeddings)
     names = sorted(p.name for p in (tmp_path / "index").iterdir())
     assert len(names) == 2 and names[0].endswith(".safetensors") and names[1] == "manifest.json", names
 
@@ -239,10 +239,10 @@ def test_search_index_is_safetensors_and_json_and_loads_without_unpickling(tmp_p
 
 @pytest.mark.parametrize("damage", ["manifest", "embeddings"])
 def test_damaged_index_is_a_clear_error(tmp_path, damage):
-    from search_app.index import SearchIndex, SearchIndexError, _commit
+    from search_app.manifest import SearchIndex, SearchIndexError, commit_index
 
     index_dir = tmp_path / "index"
-    _commit(index_dir, _index_manifest(tmp_path, 3), torch.randn(3, 4))
+    commit_index(index_dir, _index_manifest(tmp_path, 3), torch.randn(3, 4))
     target = index_dir / "manifest.json" if damage == "manifest" else next(index_dir.glob("*.safetensors"))
     target.write_bytes(target.read_bytes()[:20])  # truncated, as an index copied by a crashed tool would be
     with pytest.raises(SearchIndexError, match=f"{re.escape(str(index_dir))}.*index again"):
@@ -258,10 +258,10 @@ def _index_manifest(root: Path, count: int) -> dict:
 
 
 def test_interrupted_index_update_keeps_the_previous_index(tmp_path, monkeypatch):
-    from search_app.index import SearchIndex, _commit
+    from search_app.manifest import SearchIndex, commit_index
 
     index_dir = tmp_path / "index"
-    _commit(index_dir, _index_manifest(tmp_path, 2), torch.ones(2, 4))
+    commit_index(index_dir, _index_manifest(tmp_path, 2), torch.ones(2, 4))
     real_replace = os.replace
 
     def crash_on_manifest(source, target):
@@ -271,7 +271,7 @@ def test_interrupted_index_update_keeps_the_previous_index(tmp_path, monkeypatch
 
     monkeypatch.setattr(os, "replace", crash_on_manifest)
     with pytest.raises(OSError, match="disk full"):
-        _commit(index_dir, _index_manifest(tmp_path, 3), torch.zeros(3, 4))
+        commit_index(index_dir, _index_manifest(tmp_path, 3), torch.zeros(3, 4))
     monkeypatch.undo()
     index = SearchIndex.load(index_dir)
     assert len(index.entries) == 2 and torch.equal(index.embeddings, torch.ones(2, 4))

@@ -15,7 +15,8 @@ from PIL import Image
 from search import main
 from search_app.encoder import ModelSourceError, load_encoder
 from search_app.grid import grid_size
-from search_app.index import SearchIndex, SearchIndexError, build_index
+from search_app.index import build_index
+from search_app.manifest import SearchIndex, SearchIndexError
 from search_app.query import open_search, read_queries, search
 from tests.conftest import compose_config, demo_overrides
 

@@ -19,7 +19,8 @@ import search_app.backends as backends
 from bench.search_scale import clustered_embeddings
 from search import main
 from search_app.backends import IVFParams, MatmulRanker, assign_lists, flat_ranker, ivf_ranker, train_ivf
-from search_app.index import SearchIndex, SearchIndexError, build_index
+from search_app.index import build_index
+from search_app.manifest import SearchIndex, SearchIndexError
 from search_app.query import open_search
 from search_app.web import make_server
 
