@@ -18,7 +18,7 @@ from torch import Tensor
 from config_schema import typed
 from data.datasets import load_rgb
 from model.backbone import enable_gradient_checkpointing, patch_size_of
-from model.build import build_model, compile_towers, store_frozen_linears
+from model.build import autocast_dtype, build_model, compile_towers, store_frozen_linears
 from model.features import TrainFeatures, gathered
 from model.memory import StepShape, needs_checkpointing, usable_device_bytes
 from model.objective import Objective
@@ -160,10 +160,9 @@ class TBPSLitModule(L.LightningModule):
 
     def _store_frozen_weights_in_half(self) -> None:
         """`backbone.half_precision_frozen_weights`: frozen linear weights in the autocast dtype (same values)."""
-        precision = str(self.trainer.precision)
-        if not self.cfg.backbone.half_precision_frozen_weights or not precision.endswith("16-mixed"):
+        dtype = autocast_dtype(self.trainer.precision)
+        if not self.cfg.backbone.half_precision_frozen_weights or dtype is None:
             return
-        dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
         count = store_frozen_linears(self.model, dtype)
         if count:
             log.info("%d frozen linear layers stored in %s, the dtype autocast computes them in.", count, dtype)

@@ -111,16 +111,20 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str = "run", callbacks: Sequ
     if cfg.eval_before_train and resume_from is None:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
-    module.eval_labels["test"] = " (last epoch)"
-    trainer.test(module, datamodule=datamodule, verbose=False)
-    test_last = module.eval_results["test"]
     best_path = best.best_model_path or None
-    selection = "validation" if cfg.model_selection == "validation" else "TEST (peers' protocol)"
-    module.eval_labels["test"] = f" (checkpoint selected on {selection}: {best_path or 'final weights'})"
-    trainer.test(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)
+    tested = {}
+    if trainer.limit_test_batches == 0:  # Lightning's "no test"
+        log.info("trainer.limit_test_batches=0: the run is not tested; results.json holds no test table.")
+    else:
+        module.eval_labels["test"] = " (last epoch)"
+        trainer.test(module, datamodule=datamodule, verbose=False)
+        tested["test_last"] = module.eval_results["test"]
+        selection = "validation" if cfg.model_selection == "validation" else "TEST (peers' protocol)"
+        module.eval_labels["test"] = f" (checkpoint selected on {selection}: {best_path or 'final weights'})"
+        trainer.test(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)
     results = {
         **module.eval_results,
-        "test_last": test_last,
+        **tested,
         "chance_t2i_R1": chance,
         "best_checkpoint": best_path,
         "model_selection": cfg.model_selection,
@@ -138,6 +142,8 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """
     if not cfg.ckpt_path:
         raise ConfigError(["evaluation (train=false) needs ckpt_path=<run folder>/checkpoints/<name>.ckpt."])
+    if cfg.trainer.get("limit_test_batches") == 0:
+        raise ConfigError(["evaluation (train=false) with trainer.limit_test_batches=0 tests nothing; drop it."])
     checkpoint = Path(cfg.ckpt_path)
     if problems := checkpoint_problems(checkpoint):
         raise ConfigError(problems)

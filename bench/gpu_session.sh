@@ -4,7 +4,8 @@
 #   bench/gpu_session.sh                                  # all sections
 #   bench/gpu_session.sh train_throughput eval_metrics    # only the named ones
 #   TRAIN_ARGS="--variants full:before lora:all" bench/gpu_session.sh train_throughput   # arguments of that bench
-# Sections: train_throughput (speed and memory levers, MFU), data_throughput (workers needed to feed the measured rate,
+# Sections: train_throughput (speed and memory levers, MFU), train_profile (GPU busy fraction, launches, top kernels
+# and host operators), data_throughput (workers needed to feed the measured rate,
 # on this machine's CPUs), eval_metrics (ranking on the GPU), strategies (the five strategies' losses).
 # Run from the repository root on a CUDA machine whose python3 has torch, transformers, lightning and peft;
 # hydra-core, omegaconf, prettytable and bitsandbytes may come as wheels in .whl/. Tables land in bench/results_gpu/
@@ -27,6 +28,11 @@ if wanted train_throughput; then
     echo "== train_throughput"
     timeout "${TRAIN_TIMEOUT:-330}" python3 -m bench.train_throughput --out "$out" ${TRAIN_ARGS:-} 2>&1 \
         | grep -v -i -E 'warn|^\s*$|LOCAL_RANK|GPU available|TPU available|HPU available' | tail -40
+    copy_out
+fi
+if wanted train_profile; then
+    echo "== train_profile"
+    timeout "${PROFILE_TIMEOUT:-120}" python3 -m bench.train_profile --out "$out" 2>&1 | grep -v -i warn | tail -60
     copy_out
 fi
 if wanted data_throughput; then

@@ -48,8 +48,8 @@ from transformers import SiglipConfig, SiglipModel
 
 from bench.train_throughput_report import Report, compare_with_eager_twin, fmt, peak_tflops
 from config_schema import register_schema
-from lightning_models import TBPSLitModule
-from model.build import compile_towers
+from lightning_models import TBPSLitModule, compiles
+from model.build import autocast_dtype, compile_towers, store_frozen_linears
 from model.strategies import StepContext
 from solver.build import build_optimizer
 
@@ -90,7 +90,7 @@ class Variant:
         return f"{'lora' if self.lora else 'full'}:{self.name}"
 
 
-def _variants() -> list[Variant]:
+def all_variants() -> list[Variant]:
     """In priority order (a time limit keeps the first ones): the goals' rows first, then one lever at a time."""
     eager = ("backbone.compile=false", "backbone.gradient_checkpointing=false")
     out = []
@@ -166,7 +166,7 @@ class BatchPool(torch.utils.data.Dataset):
 VIEWS = ("images", "aug_images", "ss_images1", "ss_images2")
 
 
-def _sync() -> None:
+def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
@@ -197,7 +197,7 @@ class _Recorder(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == self.warmup:
-            _sync()
+            sync()
             _reset_peak()
             self.start = time.perf_counter()
 
@@ -206,7 +206,7 @@ class _Recorder(L.Callback):
         if self.sync_every_step:
             pl_module.check_finite()  # what the code did before: a host read of the loss after every step
         if batch_idx == self.steps - 1:
-            _sync()
+            sync()
             self.stop = time.perf_counter()
             self.peak_gib = _peak_gib()
 
@@ -241,7 +241,7 @@ def run_lightning(cfg, variant: Variant, pool: BatchPool, warmup: int) -> dict:
     return result
 
 
-def _step(model, objective, batch, autocast):
+def forward_backward(model, objective, batch, autocast):
     with autocast:
         feats = model(batch, aug_view=objective.needs_aug_view, ss_views=objective.needs_ss_views)
         loss = torch.stack(list(objective(feats, StepContext(epoch=0.0)).values())).sum()
@@ -249,32 +249,43 @@ def _step(model, objective, batch, autocast):
     return loss
 
 
-def run_bare(cfg, variant: Variant, pool: BatchPool, warmup: int) -> dict:
-    """The same model, objective and optimizer with the same levers, trained by a plain loop."""
+def bare_setup(cfg):
+    """Model, objective, optimizer and autocast context with the levers `TBPSLitModule.setup` applies for `fit`."""
     torch.manual_seed(0)
     module = TBPSLitModule(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, objective = module.model.to(device).train(), module.objective  # checkpointing set by build_model
-    if cfg.backbone.compile:
+    model, objective = module.model.train(), module.objective  # checkpointing set by build_model
+    dtype = autocast_dtype(cfg.trainer.precision)
+    if cfg.backbone.half_precision_frozen_weights and dtype is not None:
+        store_frozen_linears(model, dtype)
+    model.to(device)
+    if compiles(cfg.backbone.compile, "fit", device):
         compile_towers(model.backbone)
     optimizer = build_optimizer(cfg.optimizer, model)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.trainer.precision.startswith("bf16"))
+    autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+    return model, objective, optimizer, autocast
+
+
+def run_bare(cfg, variant: Variant, pool: BatchPool, warmup: int) -> dict:
+    """The same model, objective and optimizer with the same levers, trained by a plain loop."""
+    model, objective, optimizer, autocast = bare_setup(cfg)
+    device = next(model.parameters()).device
     start = None
     for step in range(len(pool)):
         if step == warmup:
-            _sync()
+            sync()
             _reset_peak()
             start = time.perf_counter()
         batch = {key: value.to(device, non_blocking=True) for key, value in pool[step].items()}
-        loss = _step(model, objective, batch, autocast)
+        loss = forward_backward(model, objective, batch, autocast)
         if variant.sync_every_step:
             bool(torch.isfinite(loss))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    _sync()
+    sync()
     elapsed = time.perf_counter() - start
     result = {"samples_per_s": (len(pool) - warmup) * variant.batch / elapsed, "peak_gib": _peak_gib()}
-    del module, model, optimizer
+    del model, optimizer
     return result
 
 
@@ -288,7 +299,7 @@ def flops_per_sample(cfg, pool: BatchPool) -> float:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.trainer.precision.startswith("bf16"))
     counter = FlopCounterMode(display=False)
     with counter:
-        _step(model, objective, batch, autocast)
+        forward_backward(model, objective, batch, autocast)
     del module, model
     return counter.get_total_flops() / batch["pids"].numel()
 
@@ -313,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     shape = SMALL if args.small or not cuda else REAL
     precision = "bf16-mixed" if cuda and not args.small else "32-true"
     device = torch.cuda.get_device_name() if cuda else "cpu"
-    variants = [v for v in _variants() if not args.variants or v.key in args.variants]
+    variants = [v for v in all_variants() if not args.variants or v.key in args.variants]
     if not cuda:  # CUDA-only levers, and a CPU smoke run keeps to the goals' rows
         variants = [v for v in variants if v.cap_gib is None and "8bit" not in v.name and v.batch < 128]
     height, width = shape["image"]

@@ -142,6 +142,13 @@ def compile_towers(backbone: PreTrainedModel) -> int:
     return len(layers)
 
 
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The dtype autocast computes in under a Lightning `precision` ("bf16-mixed", "16-mixed"); None otherwise."""
+    if not str(precision).endswith("16-mixed"):
+        return None
+    return torch.bfloat16 if str(precision).startswith("bf16") else torch.float16
+
+
 def store_frozen_linears(model: nn.Module, dtype: torch.dtype) -> int:
     """Cast the weights (and biases) of every fully frozen `nn.Linear` of `model` to `dtype`; returns how many.
 

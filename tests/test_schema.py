@@ -5,6 +5,7 @@ are real Trainer arguments, and limiting evaluation batches cuts the queries, ne
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 from pathlib import Path
 
@@ -174,6 +175,20 @@ def test_a_param_group_can_be_added_from_the_command_line():
     assert cfg.optimizer.param_groups.logit.lr_factor == 0.1
     with pytest.raises(ConfigError, match=r"Unknown optimizer.param_groups.logit setting\(s\) \['lrr'\]"):
         validate_config(compose_config("demo", ["+optimizer.param_groups.logit.lrr=0.1"]))
+
+
+def test_limit_test_batches_zero_trains_and_validates_without_testing(demo_root, tmp_path):
+    """Lightning documents `limit_test_batches=0` as "no test": the run trains, selects, and writes no test table."""
+    from trainer import evaluate, train
+
+    overrides = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_test_batches=0"]
+    results = train(compose_config("demo", demo_overrides(demo_root, *overrides)), tmp_path / "run")
+    assert "val" in results and not {"test", "test_last"} & set(results)
+    assert json.loads((tmp_path / "run" / "results.json").read_text()).keys() == results.keys()
+    checkpoint = f"ckpt_path={tmp_path / 'run' / 'missing.ckpt'}"
+    cfg = compose_config("demo", demo_overrides(demo_root, "train=false", checkpoint, "trainer.limit_test_batches=0"))
+    with pytest.raises(ConfigError, match="limit_test_batches=0 tests nothing"):
+        evaluate(cfg, tmp_path / "eval")
 
 
 def test_limit_val_batches_zero_switches_validation_off_and_tiny_limits_still_rank(demo_root, tmp_path):
