@@ -32,7 +32,7 @@ if wanted train_throughput; then
 fi
 if wanted train_profile; then
     echo "== train_profile"
-    timeout "${PROFILE_TIMEOUT:-120}" python3 -m bench.train_profile --out "$out" 2>&1 | grep -v -i warn | tail -60
+    timeout "${PROFILE_TIMEOUT:-120}" python3 -m bench.train_profile --out "$out" ${PROFILE_ARGS:-} 2>&1 | grep -v -i warn | tail -60
     copy_out
 fi
 if wanted data_throughput; then
