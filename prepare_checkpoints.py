@@ -173,9 +173,11 @@ def export(checkpoint: Path, out_dir: Path, base_model: str | None = None) -> Pa
     shows the same in plain transformers). A LoRA run's adapter alone goes to `out_dir/adapter/` (peft format), its
     `base_model_name_or_path` being `base_model` (default: `base_model_name` of the run's backbone folder).
     """
+    import torch
+
     from data.text import CaptionTokenizer
     from lightning_models import TBPSLitModule
-    from model.adapter_export import AdapterBase
+    from model.adapter_export import AdapterBase, restore_base_precision
     from model.export import export_model
     from model.model_card import CardFacts
 
@@ -189,10 +191,15 @@ def export(checkpoint: Path, out_dir: Path, base_model: str | None = None) -> Pa
             cfg.tokenizer.pretrained_model_name_or_path, cfg.tokenizer.model_max_length
         )
 
+    base_path = Path(cfg.backbone.path)
+    if base_path.is_dir():
+        base = type(module.model.backbone).from_pretrained(base_path, dtype=torch.float32)
+        restored = restore_base_precision(module.model.backbone, base)
+        if restored:
+            log.info("%d frozen weights, kept in 16 bits during training, take the base checkpoint's values", restored)
     tokenizer = load_tokenizer()
     if module.objective.needs_masked_captions:
         tokenizer.add_mask_token()
-    base_path = Path(cfg.backbone.path)
     name = base_model or base_model_name(base_path)
     image_size = tuple(cfg.backbone.image_size)
     results = run_results(checkpoint)

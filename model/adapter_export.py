@@ -50,6 +50,8 @@ POSITION_EMBEDDING = "vision_model.embeddings.position_embedding.weight"
 TOKEN_EMBEDDING = "text_model.embeddings.token_embedding.weight"
 #: Largest embedding difference accepted when the written adapter is loaded back (float32 round-off).
 TOLERANCE = 1e-4
+#: The dtypes a run may store its frozen weights in (`model.build.store_frozen_linears`).
+HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 class AdapterExportError(InputError):
@@ -135,6 +137,31 @@ def uncarried_weights(
         else:
             problems.append(f"{name} (shape {tuple(trained.shape)}, base {tuple(original.shape)})")
     return problems, interpolate
+
+
+def restore_base_precision(backbone: PreTrainedModel, base: PreTrainedModel) -> int:
+    """Give frozen weights that a run stored in 16 bits back the base checkpoint's full-precision values; return how
+    many.
+
+    Under 16-bit mixed precision, training keeps frozen linear weights in the autocast dtype
+    (`model.build.store_frozen_linears`), so its checkpoints hold them rounded. A frozen weight that equals the base's
+    rounded to bfloat16 or float16 was not trained: the base value computes the same under autocast (which rounds it
+    to that same number) and is what an adapter applied to the base checkpoint assumes. Weights that differ otherwise
+    (trained, or from another checkpoint) are left as they are.
+    """
+    base_params = dict(base.named_parameters())
+    restored = 0
+    with torch.no_grad():
+        for raw_name, trained in backbone.named_parameters():
+            original = base_params.get(_base_name(raw_name))
+            if trained.requires_grad or original is None or original.shape != trained.shape:
+                continue
+            if trained.dtype != original.dtype or torch.equal(trained, original):
+                continue
+            if any(torch.equal(trained, original.to(half).to(original.dtype)) for half in HALF_DTYPES):
+                trained.copy_(original)
+                restored += 1
+    return restored
 
 
 def _write(backbone: PreTrainedModel, base: PreTrainedModel, base_name: str, out_dir: Path) -> None:

@@ -16,7 +16,9 @@ from transformers import AutoImageProcessor, AutoTokenizer, SiglipModel
 
 from data.text import CaptionTokenizer
 from data.transforms import build_eval_transform
+from model.adapter_export import restore_base_precision, uncarried_weights
 from model.backbone import load_backbone
+from model.build import store_frozen_linears
 from model.export import load_exported
 from model.model_card import CardFacts, TrainingRecipe, front_matter
 from model.tbps import TBPS
@@ -72,6 +74,40 @@ def test_adapter_is_refused_when_the_run_changed_a_base_weight(tiny_checkpoint, 
     assert refusal in caplog.text and "merged export" in caplog.text
     assert refusal in (out / "README.md").read_text()
     assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no staging leftovers
+
+
+def test_frozen_weights_kept_in_bf16_take_the_base_values_back_and_trained_ones_stay(tiny_checkpoint):
+    trained = lora_model(tiny_checkpoint, (32, 32))
+    with torch.no_grad():
+        trained.backbone.vision_model.post_layernorm.weight.add_(0.1)  # trained besides the adapters
+    store_frozen_linears(trained, torch.bfloat16)  # what bf16-mixed training holds, and its checkpoints
+    reloaded = lora_model(tiny_checkpoint, (32, 32))  # fp32, as a checkpoint is loaded for export
+    reloaded.load_state_dict(trained.state_dict())
+    base = SiglipModel.from_pretrained(tiny_checkpoint, dtype=torch.float32)
+    changed = uncarried_weights(reloaded.backbone, base, (32, 32))[0]
+    assert "vision_model.encoder.layers.0.self_attn.q_proj.weight (changed from the base checkpoint)" in changed
+    assert restore_base_precision(reloaded.backbone, base) > 0
+    base_params = dict(base.named_parameters())
+    for name, param in reloaded.backbone.named_parameters():
+        plain = name.replace(".base_layer", "")
+        if "lora_" in name or plain in ("logit_scale", "logit_bias", "vision_model.post_layernorm.weight"):
+            assert torch.equal(param, dict(trained.backbone.named_parameters())[name].float()), name
+        else:
+            assert torch.equal(param, base_params[plain]), name
+    assert uncarried_weights(reloaded.backbone, base, (32, 32))[0] == [
+        "vision_model.post_layernorm.weight (changed from the base checkpoint)"
+    ]
+
+
+def test_a_lora_run_trained_in_bf16_mixed_exports_its_adapter(demo_root, tmp_path):
+    from prepare_checkpoints import export as export_checkpoint
+    from tests.conftest import compose_config, demo_overrides
+    from trainer import train
+
+    overrides = ("lora=cir", "++trainer.precision=bf16-mixed", "trainer.max_epochs=1", "trainer.limit_train_batches=2")
+    results = train(compose_config("demo", demo_overrides(demo_root, *overrides)), tmp_path / "run")
+    out = export_checkpoint(Path(results["best_checkpoint"]), tmp_path / "exported")
+    assert (out / "adapter" / "adapter_model.safetensors").is_file(), (out / "README.md").read_text()
 
 
 def test_full_fine_tuning_exports_no_adapter_folder(tiny_checkpoint, tmp_path, caplog):
