@@ -212,10 +212,22 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     return str(last)
 
 
+#: Settings a run folder's checkpoint may have had otherwise: `ckpt_path` names the resume point, and the others change
+#: speed and memory, not what a step computes (a run started before one of them existed saved another value or none).
+RESUME_INDIFFERENT = (
+    "ckpt_path",
+    "backbone.compile",
+    "backbone.gradient_checkpointing",
+    "backbone.half_precision_frozen_weights",
+)
+
+
 def _differing_keys(saved: Any, current: Any, path: str = "") -> list[str]:
-    """Dotted keys whose values differ between two configs (`ckpt_path`, which names the resume point, excepted)."""
+    """Dotted keys whose values differ between two configs (except `RESUME_INDIFFERENT`)."""
+    if path in RESUME_INDIFFERENT:
+        return []
     if not isinstance(saved, dict) or not isinstance(current, dict):
-        return [] if saved == current or path == "ckpt_path" else [path]
+        return [] if saved == current else [path]
     keys = sorted(set(saved) | set(current), key=str)
     return [key for k in keys for key in _differing_keys(saved.get(k), current.get(k), f"{path}.{k}" if path else k)]
 

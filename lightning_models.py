@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
+import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,7 @@ def pair_statistics(feats: TrainFeatures) -> dict[str, Tensor]:
 
 
 def compiles(setting: bool | None, stage: str, device: torch.device) -> bool:
-    """`backbone.compile`; null (auto): on when training on a CUDA GPU with Triton (inductor's GPU code generator).
+    """`backbone.compile`; null (auto): on when training on a CUDA GPU that inductor can generate kernels for.
 
     On an H200 at the seed's recipe (bench/results/train_throughput_cuda.md) compiled towers gave LoRA 1.30x the eager
     samples/s and full fine-tuning the same speed with 1 GiB less memory (what fits a 12 GB card without
@@ -59,7 +60,19 @@ def compiles(setting: bool | None, stage: str, device: torch.device) -> bool:
     """
     if setting is not None:
         return bool(setting)
-    return stage == "fit" and device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    return stage == "fit" and device.type == "cuda" and triton_usable()
+
+
+def triton_usable() -> bool:
+    """Whether inductor can build GPU kernels here: a Triton backend for this GPU (torch's own check: CUDA compute
+    capability 7.0 or newer, Triton installed) and a C compiler, which Triton needs at run time for its launchers.
+    """
+    try:
+        from torch.utils._triton import has_triton  # torch's helper (private, hence the guard)
+    except ImportError:
+        return False
+    compiler = os.environ.get("CC") or any(shutil.which(name) for name in ("cc", "gcc", "clang"))
+    return bool(compiler) and has_triton()
 
 
 class NonFiniteLossError(RuntimeError):
@@ -188,7 +201,9 @@ class TBPSLitModule(L.LightningModule):
         """torch.compile the towers' layers in place (checkpoints keep their keys), once."""
         if self._compiled:
             return
-        count = compile_towers(self.model.backbone)
+        # Chosen automatically: a GPU or toolchain that fails to compile falls back to eager steps (with dynamo's
+        # warning) instead of stopping the run; backbone.compile=true keeps the error.
+        count = compile_towers(self.model.backbone, fall_back_to_eager=self.cfg.backbone.compile is None)
         self._compiled = True
         log.info("torch.compile: %d transformer layers of both towers (compiled on their first batch).", count)
 

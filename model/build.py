@@ -129,13 +129,28 @@ def build_model(
     return model
 
 
-def compile_towers(backbone: PreTrainedModel) -> int:
+#: Compiled variants dynamo keeps per code object. Every layer of both towers shares one, and training, validation
+#: (no grad) and testing (inference mode) of two towers' shapes already make 8, dynamo's default: one more variant
+#: would silently run eager.
+RECOMPILE_LIMIT = 32
+
+
+def compile_towers(backbone: PreTrainedModel, *, fall_back_to_eager: bool = False) -> int:
     """torch.compile every transformer layer of both towers in place; returns how many were compiled.
 
     Layer by layer rather than whole towers: the layers of a tower share their code, so one compiled graph serves all
     of them (parameters are graph inputs), which compiles about ten times faster than a whole tower for the same
     fused kernels. In place (`nn.Module.compile`), so state_dict keys, checkpoints and exports do not change.
+    Compilation happens at the first call; `fall_back_to_eager` makes a failure there run that code eagerly (with
+    dynamo's warning) instead of raising. Both settings are process-wide (dynamo's configuration).
     """
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # older torch
+    setattr(config, limit, max(getattr(config, limit), RECOMPILE_LIMIT))
+    if fall_back_to_eager:
+        config.suppress_errors = True
     layers = [*backbone.vision_model.encoder.layers, *backbone.text_model.encoder.layers]
     for layer in layers:
         layer.compile()

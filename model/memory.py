@@ -1,16 +1,18 @@
 """How much GPU memory a training step needs, so that a run can switch on gradient checkpointing only when it must.
 
 The peak of a mixed-precision training step is the static part, known exactly from the parameters (their stored
-bytes, an fp32 gradient and the optimizer's state per trainable weight, autocast's half-precision copy of every fp32
-weight), plus the activations the backward pass keeps: per transformer layer and token about
-``ACTIVATION_BYTES_PER_WIDTH`` bytes per unit of width. Korthikanti et al. ("Reducing Activation Recomputation in
-Large Transformer Models", 2022) count 34 in half precision with the attention scores not stored, as SDPA's fused
-kernels do; SigLIP's towers under autocast keep more (fp32 layer-norm inputs, the pooling head, the loss inputs).
-The constants reproduce the peaks measured on an H200 at 384x128, batch 24, four image views
-(bench/results/train_throughput_cuda.md): eager 41 (full fine-tuning 13.23 GiB measured vs 13.2 estimated, with a
-frozen token embedding 11.11 vs 11.1; LoRA r32 7.66 vs 8.5, on the safe side), compiled towers 35 (torch.compile
-fuses the element-wise ops and keeps fewer intermediates: full 10.09 vs 10.1, LoRA 7.42 vs 7.5). Gradient
-checkpointing keeps only each layer's input (2 bytes x width per token; measured 4.74 GiB vs 4.4 estimated).
+bytes, an fp32 gradient and the optimizer's state per trainable weight, and autocast's 16-bit copy of each 32-bit
+weight of the layers it casts), plus the activations the backward pass keeps: per transformer layer and token a
+number of bytes per unit of width. Korthikanti et al. ("Reducing Activation Recomputation in Large Transformer
+Models", 2022) count 34 in half precision with the attention scores not stored, as SDPA's fused kernels do; SigLIP's
+towers under autocast keep more (fp32 layer-norm inputs, the pooling head, the loss inputs), a frozen linear layer
+keeps less (no input for a weight gradient), and compiled layers keep fewer intermediates. The constants reproduce
+the peaks measured on an H200 at 384x128, batch 24, four image views (bench/results/train_throughput_cuda.md, GiB
+measured vs estimated): eager 43 (full fine-tuning 13.23 vs 13.2; frozen token embedding 11.11 vs 11.1), eager with
+the towers' linear layers frozen 38 (LoRA r32 8.33 vs 8.3; frozen weights in bf16 7.66 vs 7.6), compiled 37 (full
+10.09 vs 10.1, with 8-bit AdamW 9.08 vs 9.1; LoRA 7.42 vs 7.5). Gradient checkpointing keeps each layer's input (2
+bytes x width per token) plus the activations of the one layer being recomputed (full fine-tuning, compiled: 4.74
+vs 4.6).
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 GIB = 2**30
-#: Saved activations per token and layer, in bytes per unit of hidden width (autocast, fused attention; measured).
-ACTIVATION_BYTES_PER_WIDTH = 41
-#: The same with the towers' layers compiled (`model.build.compile_towers`; measured).
-COMPILED_ACTIVATION_BYTES_PER_WIDTH = 35
+#: Saved activations per token and layer, in bytes per unit of hidden width (autocast, fused attention; measured):
+#: eager, eager with the towers' linear layers frozen (LoRA), and compiled (`model.build.compile_towers`).
+ACTIVATION_BYTES_PER_WIDTH = 43
+FROZEN_LINEARS_ACTIVATION_BYTES_PER_WIDTH = 38
+COMPILED_ACTIVATION_BYTES_PER_WIDTH = 37
 #: With checkpointing only each layer's input stays (half precision), plus one layer being recomputed.
 CHECKPOINTED_BYTES_PER_WIDTH = 2
 #: Optimizer state bytes per trainable parameter: two fp32 moments (Adam/AdamW), two 8-bit ones plus block scales
@@ -50,6 +53,24 @@ class StepShape:
 
 def _tower_activation_bytes(config, tokens: int, bytes_per_width: int) -> int:
     return int(config.num_hidden_layers) * tokens * bytes_per_width * int(config.hidden_size)
+
+
+#: Layers whose weights autocast casts to 16 bits at each call (its lower-precision op list: linear, convolutions,
+#: and the linear products inside multi-head attention); embeddings and norms are not cast.
+AUTOCAST_CAST_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention)
+
+
+def autocast_cast_weights(model: nn.Module) -> list[nn.Parameter]:
+    """The weights autocast copies to 16 bits during a step: those of `AUTOCAST_CAST_LAYERS` still stored in 32 bits
+    (weights kept in 16 bits by `model.build.store_frozen_linears` need no copy).
+    """
+    return [
+        param
+        for module in model.modules()
+        if isinstance(module, AUTOCAST_CAST_LAYERS)
+        for param in module.parameters(recurse=False)
+        if param.element_size() > 2
+    ]
 
 
 def estimated_peak_bytes(
@@ -76,20 +97,37 @@ def estimated_peak_bytes(
     params = list(model.parameters())
     weights = sum(p.numel() * p.element_size() for p in params)
     trainable = sum(p.numel() for p in params if p.requires_grad)
-    # Weights already stored in 16 bits (`model.build.store_frozen_linears`) need no autocast copy.
-    half_copies = 2 * sum(p.numel() for p in params if p.element_size() > 2) if mixed_precision else 0
+    half_copies = 2 * sum(p.numel() for p in autocast_cast_weights(model)) if mixed_precision else 0
     static = weights + (4 + OPTIMIZER_STATE_BYTES.get(optimizer, 8)) * trainable + half_copies
-    if checkpointing:
-        per_width = CHECKPOINTED_BYTES_PER_WIDTH
+    if compiled:
+        per_width = COMPILED_ACTIVATION_BYTES_PER_WIDTH
+    elif _linears_mostly_frozen(backbone):
+        per_width = FROZEN_LINEARS_ACTIVATION_BYTES_PER_WIDTH
     else:
-        per_width = COMPILED_ACTIVATION_BYTES_PER_WIDTH if compiled else ACTIVATION_BYTES_PER_WIDTH
-    if not mixed_precision:
-        per_width *= 2
+        per_width = ACTIVATION_BYTES_PER_WIDTH
+    scale = 1 if mixed_precision else 2  # 32-bit activations
+    vision, text = backbone.config.vision_config, backbone.config.text_config
     vision_tokens = shape.batch_size * shape.image_views * shape.image_tokens
     text_tokens = shape.batch_size * shape.text_tokens * shape.text_passes
-    activations = _tower_activation_bytes(backbone.config.vision_config, vision_tokens, per_width)
-    activations += _tower_activation_bytes(backbone.config.text_config, text_tokens, per_width)
-    return static + activations
+    if not checkpointing:
+        return static + scale * (
+            _tower_activation_bytes(vision, vision_tokens, per_width)
+            + _tower_activation_bytes(text, text_tokens, per_width)
+        )
+    kept = _tower_activation_bytes(vision, vision_tokens, CHECKPOINTED_BYTES_PER_WIDTH)
+    kept += _tower_activation_bytes(text, text_tokens, CHECKPOINTED_BYTES_PER_WIDTH)
+    recomputed = max(  # the largest single layer, whose activations exist again while it is recomputed
+        tokens * per_width * int(config.hidden_size)
+        for config, tokens in ((vision, vision_tokens), (text, text_tokens))
+    )
+    return static + scale * (kept + recomputed)
+
+
+def _linears_mostly_frozen(backbone: nn.Module) -> bool:
+    """Whether most linear weights of the towers are frozen (LoRA, frozen towers): adapters are a small minority."""
+    linears = [p for m in backbone.modules() if isinstance(m, nn.Linear) for p in m.parameters(recurse=False)]
+    trainable = sum(p.numel() for p in linears if p.requires_grad)
+    return 2 * trainable < sum(p.numel() for p in linears)
 
 
 def usable_device_bytes(device: torch.device) -> int:

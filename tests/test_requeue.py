@@ -25,6 +25,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
 
 from data.samplers import IdentitySampler, ResumableSampler
+from lightning_callbacks import resume_checkpoint
 from tests.conftest import CONFIG_DIR, compose_config, demo_overrides
 from trainer import train
 from utils.config import ConfigError
@@ -279,6 +280,20 @@ def test_a_run_folder_holding_another_configurations_checkpoint_is_refused(demo_
     with pytest.raises(ConfigError, match=r"another configuration \(seed, trainer.max_epochs differ\)"):
         train(cfg, tmp_path)
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["last.ckpt"]  # nothing written
+
+
+def test_a_run_folder_of_the_same_run_with_other_speed_settings_resumes(demo_root, tmp_path):
+    """A checkpoint saved before `backbone.half_precision_frozen_weights` existed, compiled and checkpointed: the
+    same run (those settings change speed and memory only), so the run folder's last.ckpt is its resume point.
+    """
+    cfg = _config(demo_root, 0)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    older = OmegaConf.to_container(cfg, resolve=True)
+    backbone = {k: v for k, v in older["backbone"].items() if k != "half_precision_frozen_weights"}
+    older["backbone"] = backbone | {"compile": True, "gradient_checkpointing": True}
+    torch.save({"hyper_parameters": {"cfg": older}}, last)
+    assert resume_checkpoint(cfg, tmp_path) == str(last)
 
 
 # --- The sampler: where an epoch restarts --------------------------------------------------------------------------
