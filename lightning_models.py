@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import logging
-import os
-import random
-import shutil
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
@@ -19,7 +15,7 @@ from torch import Tensor
 from config_schema import typed
 from data.datasets import load_rgb
 from model.backbone import enable_gradient_checkpointing, patch_size_of
-from model.build import autocast_dtype, build_model, compile_towers, store_frozen_linears
+from model.build import autocast_dtype, build_model, compile_towers, compiles, store_frozen_linears
 from model.features import TrainFeatures, gathered
 from model.memory import StepShape, needs_checkpointing, usable_device_bytes
 from model.objective import Objective
@@ -30,6 +26,7 @@ from solver.lr_scheduler import build_scheduler
 from utils.analysis import save_failure_gallery, save_similarity_histogram
 from utils.distributed import all_gather_objects, all_gather_with_grad, gather_strided_shards, rank, world_size
 from utils.metrics import rank_metrics
+from utils.rng import restore_rng_states, rng_states
 from utils.tables import results_table
 
 log = logging.getLogger(__name__)
@@ -51,54 +48,8 @@ def pair_statistics(feats: TrainFeatures) -> dict[str, Tensor]:
     return {"s_p": s_p, "s_n": s_n, "s_gap": s_p - s_n}
 
 
-def compiles(setting: bool | None, stage: str, device: torch.device) -> bool:
-    """`backbone.compile`; null (auto): on when training on a CUDA GPU that inductor can generate kernels for.
-
-    On an H200 at the seed's recipe (bench/results/train_throughput_cuda.md) compiled towers gave LoRA 1.30x the eager
-    samples/s and full fine-tuning the same speed with 1 GiB less memory (what fits a 12 GB card without
-    checkpointing). Evaluation alone stays eager: compiling would cost more than it saves.
-    """
-    if setting is not None:
-        return bool(setting)
-    return stage == "fit" and device.type == "cuda" and triton_usable()
-
-
-def triton_usable() -> bool:
-    """Whether inductor can build GPU kernels here: a Triton backend for this GPU (torch's own check: CUDA compute
-    capability 7.0 or newer, Triton installed) and a C compiler, which Triton needs at run time for its launchers.
-    """
-    try:
-        from torch.utils._triton import has_triton  # torch's helper (private, hence the guard)
-    except ImportError:
-        return False
-    compiler = os.environ.get("CC") or any(shutil.which(name) for name in ("cc", "gcc", "clang"))
-    return bool(compiler) and has_triton()
-
-
 class NonFiniteLossError(RuntimeError):
     """A training loss became NaN or infinite; raised at the next check, always before a checkpoint is written."""
-
-
-def rng_states() -> dict[str, Any]:
-    name, keys, position, has_gauss, cached = np.random.get_state()
-    # Plain lists and tensors only, so the checkpoint loads with torch.load(weights_only=True).
-    states = {
-        "python": random.getstate(),
-        "numpy": [name, keys.tolist(), position, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def restore_rng_states(states: dict[str, Any]) -> None:
-    random.setstate(states["python"])
-    name, keys, position, has_gauss, cached = states["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 class TBPSLitModule(L.LightningModule):

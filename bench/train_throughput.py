@@ -48,8 +48,8 @@ from transformers import SiglipConfig, SiglipModel
 
 from bench.train_throughput_report import Report, compare_with_eager_twin, fmt, peak_tflops
 from config_schema import register_schema
-from lightning_models import TBPSLitModule, compiles
-from model.build import autocast_dtype, compile_towers, store_frozen_linears
+from lightning_models import TBPSLitModule
+from model.build import autocast_dtype, compile_towers, compiles, store_frozen_linears
 from model.strategies import StepContext
 from solver.build import build_optimizer
 

@@ -271,7 +271,8 @@ def test_evaluation_split_smaller_than_the_world_is_refused(demo_root):
 
 
 def test_random_states_are_saved_per_rank_and_old_checkpoints_still_restore():
-    from lightning_models import TBPSLitModule, rng_states
+    from lightning_models import TBPSLitModule
+    from utils.rng import rng_states
 
     module = TBPSLitModule.__new__(TBPSLitModule)  # the hooks use no module state
     checkpoint = {}

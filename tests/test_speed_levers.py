@@ -17,10 +17,9 @@ import pytest
 import torch
 from transformers import SiglipConfig, SiglipModel
 
-import lightning_models
-from lightning_models import compiles
+import model.build
 from model.backbone import load_backbone
-from model.build import build_model, compile_towers, store_frozen_linears
+from model.build import build_model, compile_towers, compiles, store_frozen_linears
 from model.lora import LoraSettings, apply_lora
 from model.memory import GIB, StepShape, estimated_peak_bytes, needs_checkpointing
 from model.objective import Objective
@@ -274,11 +273,11 @@ def test_the_seed_recipe_on_a_12_gb_card_checkpoints_only_when_eager_with_adamw(
 
 def test_compile_is_on_by_default_only_for_training_on_a_gpu_inductor_can_compile_for(monkeypatch):
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    monkeypatch.setattr(lightning_models, "triton_usable", lambda: True)
+    monkeypatch.setattr(model.build, "triton_usable", lambda: True)
     assert compiles(None, "fit", cuda)
     assert not compiles(None, "fit", cpu) and not compiles(None, "test", cuda) and not compiles(None, "validate", cuda)
     assert compiles(True, "test", cpu) and not compiles(False, "fit", cuda)  # explicit settings win
-    monkeypatch.setattr(lightning_models, "triton_usable", lambda: False)
+    monkeypatch.setattr(model.build, "triton_usable", lambda: False)
     assert not compiles(None, "fit", cuda) and compiles(True, "fit", cuda)
 
 
@@ -287,15 +286,15 @@ def test_triton_is_usable_only_with_torchs_triton_backend_and_a_c_compiler(monke
 
     monkeypatch.delenv("CC", raising=False)
     monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
-    monkeypatch.setattr(lightning_models.shutil, "which", lambda name: f"/usr/bin/{name}" if name == "gcc" else None)
-    assert lightning_models.triton_usable()
+    monkeypatch.setattr(model.build.shutil, "which", lambda name: f"/usr/bin/{name}" if name == "gcc" else None)
+    assert model.build.triton_usable()
     monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: False)  # e.g. a GPU of compute capability 6.x
-    assert not lightning_models.triton_usable()
+    assert not model.build.triton_usable()
     monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
-    monkeypatch.setattr(lightning_models.shutil, "which", lambda name: None)  # Triton builds launchers with one
-    assert not lightning_models.triton_usable()
+    monkeypatch.setattr(model.build.shutil, "which", lambda name: None)  # Triton builds launchers with one
+    assert not model.build.triton_usable()
     monkeypatch.setenv("CC", "/opt/cc")
-    assert lightning_models.triton_usable()
+    assert model.build.triton_usable()
 
 
 def test_checkpointing_is_chosen_only_when_the_card_is_too_small():
