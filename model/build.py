@@ -51,8 +51,9 @@ class BackboneSettings:
     # Recompute activations in the backward pass. null (auto): on when the estimated training peak would not fit
     # the GPU's memory (model.memory), off on CPUs; the choice is logged.
     gradient_checkpointing: bool | None = None
-    # torch.compile the towers' layers. null (auto): on when training on a CUDA GPU (lightning_models); false keeps
-    # every step eager, true compiles on the CPU too.
+    # torch.compile the towers' layers. null (auto): on when training on a CUDA GPU inductor can compile for
+    # (`compiles`), falling back to eager steps on a compile error; false keeps every step eager, true compiles on
+    # the CPU too and stops on a compile error.
     compile: bool | None = None
     # Under 16-bit mixed precision, store frozen nn.Linear weights (LoRA's base model, frozen towers) in the autocast
     # dtype: autocast casts every linear weight to that dtype anyway, so the step computes exactly the same values with
