@@ -22,18 +22,17 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.train_throughput import (
-    REAL,
+from bench.train_setup import (
     ROOT,
-    SMALL,
     BatchPool,
-    all_variants,
     bare_setup,
-    forward_backward,
+    bare_step,
+    bench_setting,
     make_config,
     sync,
     write_backbone,
 )
+from bench.train_throughput import all_variants
 from config_schema import register_schema
 from utils.io import atomic_write_text
 
@@ -43,24 +42,16 @@ TOP = 10
 def profile_variant(cfg, pool: BatchPool, warmup: int) -> dict:
     """Warm up (compilation happens here), then profile the remaining steps of `pool`."""
     model, objective, optimizer, autocast = bare_setup(cfg)
-    device = next(model.parameters()).device
-
-    def train_step(step: int) -> None:
-        batch = {key: value.to(device, non_blocking=True) for key, value in pool[step].items()}
-        forward_backward(model, objective, batch, autocast)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
     for step in range(warmup):
-        train_step(step)
+        bare_step(model, objective, optimizer, autocast, pool[step])
     sync()
-    cuda = device.type == "cuda"
+    cuda = next(model.parameters()).is_cuda
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
     steps = len(pool) - warmup
     with profile(activities=activities) as prof:
         start = time.perf_counter()
         for step in range(warmup, len(pool)):
-            train_step(step)
+            bare_step(model, objective, optimizer, autocast, pool[step])
         sync()
         wall = (time.perf_counter() - start) / steps
     events = prof.key_averages()
@@ -114,29 +105,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
     register_schema()
-    cuda = torch.cuda.is_available()
-    shape = SMALL if args.small or not cuda else REAL
-    precision = "bf16-mixed" if cuda and not args.small else "32-true"
+    setting = bench_setting(args.small)
     known = {variant.key: variant for variant in all_variants()}
     unknown = sorted(set(args.variants) - set(known))
     if unknown:
         parser.error(f"unknown variants {unknown}; known: {sorted(known)}")
-    device = torch.cuda.get_device_name() if cuda else "cpu"
-    height, width = shape["image"]
     header = (
-        f"Device: {device}; {'real multilingual architecture' if shape is REAL else 'reduced shapes'}, "
-        f"{height}x{width}, {precision}; plain loop, {args.steps} profiled steps after {args.warmup}; "
-        f"torch {torch.__version__}."
+        f"Device: {setting.device}; {setting.describe()}; plain loop, {args.steps} profiled steps after "
+        f"{args.warmup}; torch {torch.__version__}."
     )
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        backbone_dir = write_backbone(shape, Path(tmp) / "backbone")
+        backbone_dir = write_backbone(setting.shape, Path(tmp) / "backbone")
         for key in args.variants:
             variant = known[key]
-            pool = BatchPool(shape, variant.batch, args.warmup + args.steps)
-            results[key] = profile_variant(make_config(backbone_dir, shape, variant, precision), pool, args.warmup)
+            pool = BatchPool(setting.shape, variant.batch, args.warmup + args.steps)
+            cfg = make_config(backbone_dir, setting.shape, variant, setting.precision)
+            results[key] = profile_variant(cfg, pool, args.warmup)
             report = markdown(header, results)
-            atomic_write_text(args.out / f"train_profile_{'cuda' if cuda else 'cpu'}.md", report)
+            atomic_write_text(args.out / f"train_profile_{'cuda' if setting.cuda else 'cpu'}.md", report)
     print(report)
 
 

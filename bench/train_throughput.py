@@ -37,31 +37,29 @@ import gc
 import resource
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import torch
-from hydra import compose, initialize_config_dir
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import SiglipConfig, SiglipModel
 
+from bench.train_setup import (
+    ROOT,
+    BatchPool,
+    Variant,
+    bare_setup,
+    bare_step,
+    bench_setting,
+    forward_backward,
+    make_config,
+    sync,
+    write_backbone,
+)
 from bench.train_throughput_report import Report, compare_with_eager_twin, fmt, peak_tflops
 from config_schema import register_schema
 from lightning_models import TBPSLitModule
-from model.build import autocast_dtype, compile_towers, compiles, store_frozen_linears
-from model.strategies import StepContext
-from solver.build import build_optimizer
 
-ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
-
-REAL = dict(text=dict(vocab_size=250000), vision=dict(image_size=256), image=(384, 128))
-SMALL = dict(
-    text=dict(vocab_size=32000, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4),
-    vision=dict(image_size=256, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4),
-    image=(128, 48),
-)
 
 BEFORE = [
     "backbone.freeze.token_embedding=false",
@@ -72,22 +70,6 @@ BEFORE = [
 ]
 ALL = ["backbone.compile=true", "backbone.gradient_checkpointing=false"]
 NO_DROPOUT = ["backbone.text_config.attention_dropout=0.0", "++backbone.vision_config.attention_dropout=0.0"]
-
-
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    lora: bool
-    overrides: tuple[str, ...]
-    batch: int = 24
-    sync_every_step: bool = False  # the non-finite check read on the host after every step (the code before)
-    cap_gib: float | None = None
-    bare: bool = False
-    eager_twin: str | None = None  # the variant whose losses this one must reproduce
-
-    @property
-    def key(self) -> str:
-        return f"{'lora' if self.lora else 'full'}:{self.name}"
 
 
 def all_variants() -> list[Variant]:
@@ -117,58 +99,6 @@ def all_variants() -> list[Variant]:
         Variant("no-dropout-eager", False, (*eager, *NO_DROPOUT)),
     ]
     return out
-
-
-def write_backbone(shape: dict, out_dir: Path) -> Path:
-    torch.manual_seed(0)
-    SiglipModel(SiglipConfig(text_config=shape["text"], vision_config=shape["vision"])).save_pretrained(out_dir)
-    return out_dir
-
-
-def make_config(backbone_dir: Path, shape: dict, variant: Variant, precision: str):
-    height, width = shape["image"]
-    overrides = [
-        f"backbone.path={backbone_dir}",
-        f"img_size_str='({height},{width})'",
-        f"dataset.batch_size={variant.batch}",
-        "loss.strategy=auxiliary_cross",
-        "loss.CIR=true",
-        "loss.circle_loss_weight=0.1",
-        f"++trainer.precision={precision}",
-        *(["lora=cir"] if variant.lora else []),
-        *variant.overrides,
-    ]
-    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base="1.3"):
-        return compose(config_name="cir_msiglip", overrides=overrides)
-
-
-class BatchPool(torch.utils.data.Dataset):
-    """`steps` training batches cycling through `distinct` generated ones (pinned on CUDA), as the loader yields."""
-
-    def __init__(self, shape: dict, batch: int, steps: int, distinct: int = 4):
-        generator = torch.Generator().manual_seed(0)
-        height, width = shape["image"]
-        self.steps, self.pool = steps, []
-        for _ in range(distinct):
-            ids = torch.randint(3, shape["text"]["vocab_size"], (batch, 64), generator=generator)
-            ids[:, -8:] = 1  # right padding with </s>, as the tokenizer produces
-            item = {view: torch.randn(batch, 3, height, width, generator=generator) for view in VIEWS}
-            item |= {"caption_input_ids": ids, "pids": torch.arange(batch // 4).repeat_interleave(4)}
-            self.pool.append({k: v.pin_memory() if torch.cuda.is_available() else v for k, v in item.items()})
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __getitem__(self, index: int):
-        return self.pool[index % len(self.pool)]
-
-
-VIEWS = ("images", "aug_images", "ss_images1", "ss_images2")
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def _peak_gib() -> float:
@@ -241,47 +171,16 @@ def run_lightning(cfg, variant: Variant, pool: BatchPool, warmup: int) -> dict:
     return result
 
 
-def forward_backward(model, objective, batch, autocast):
-    with autocast:
-        feats = model(batch, aug_view=objective.needs_aug_view, ss_views=objective.needs_ss_views)
-        loss = torch.stack(list(objective(feats, StepContext(epoch=0.0)).values())).sum()
-    loss.backward()
-    return loss
-
-
-def bare_setup(cfg):
-    """Model, objective, optimizer and autocast context with the levers `TBPSLitModule.setup` applies for `fit`."""
-    torch.manual_seed(0)
-    module = TBPSLitModule(cfg)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, objective = module.model.train(), module.objective  # checkpointing set by build_model
-    dtype = autocast_dtype(cfg.trainer.precision)
-    if cfg.backbone.half_precision_frozen_weights and dtype is not None:
-        store_frozen_linears(model, dtype)
-    model.to(device)
-    if compiles(cfg.backbone.compile, "fit", device):
-        compile_towers(model.backbone)
-    optimizer = build_optimizer(cfg.optimizer, model)
-    autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-    return model, objective, optimizer, autocast
-
-
 def run_bare(cfg, variant: Variant, pool: BatchPool, warmup: int) -> dict:
     """The same model, objective and optimizer with the same levers, trained by a plain loop."""
     model, objective, optimizer, autocast = bare_setup(cfg)
-    device = next(model.parameters()).device
     start = None
     for step in range(len(pool)):
         if step == warmup:
             sync()
             _reset_peak()
             start = time.perf_counter()
-        batch = {key: value.to(device, non_blocking=True) for key, value in pool[step].items()}
-        loss = forward_backward(model, objective, batch, autocast)
-        if variant.sync_every_step:
-            bool(torch.isfinite(loss))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        bare_step(model, objective, optimizer, autocast, pool[step], check_finite=variant.sync_every_step)
     sync()
     elapsed = time.perf_counter() - start
     result = {"samples_per_s": (len(pool) - warmup) * variant.batch / elapsed, "peak_gib": _peak_gib()}
@@ -320,19 +219,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
     register_schema()
-    cuda = torch.cuda.is_available()
-    shape = SMALL if args.small or not cuda else REAL
-    precision = "bf16-mixed" if cuda and not args.small else "32-true"
-    device = torch.cuda.get_device_name() if cuda else "cpu"
+    setting = bench_setting(args.small)
+    cuda, shape, precision, device = setting.cuda, setting.shape, setting.precision, setting.device
     variants = [v for v in all_variants() if not args.variants or v.key in args.variants]
     if not cuda:  # CUDA-only levers, and a CPU smoke run keeps to the goals' rows
         variants = [v for v in variants if v.cap_gib is None and "8bit" not in v.name and v.batch < 128]
-    height, width = shape["image"]
     peak = peak_tflops(device)
     report = Report(
         device,
-        f"Device: {device} (dense bf16 peak {peak or 'unknown'} TFLOP/s); "
-        f"{'real multilingual architecture' if shape is REAL else 'reduced shapes'}, {height}x{width}, {precision}, "
+        f"Device: {device} (dense bf16 peak {peak or 'unknown'} TFLOP/s); {setting.describe()}, "
         f"{args.steps} timed steps after {args.warmup}; torch {torch.__version__}; peak = "
         f"{'GPU memory allocated' if cuda else 'process RSS'}. MFU = model FLOPs per sample x samples/s / peak.",
     )

@@ -91,7 +91,7 @@ def estimated_peak_bytes(
         shape: Batch size, views and tokens of a step.
         optimizer: Optimizer class name (a key of OPTIMIZER_STATE_BYTES; unknown names count as Adam).
         checkpointing: Whether the towers recompute activations in the backward pass.
-        mixed_precision: Autocast keeps a half-precision copy of each weight; activations are half precision.
+        mixed_precision: Autocast copies the weights of the layers it casts to 16 bits; activations are 16-bit.
         compiled: The towers' layers are compiled (fewer saved intermediates).
     """
     params = list(model.parameters())
