@@ -1,6 +1,6 @@
 """What a training run adds to `lightning.Trainer`: checkpoint writing and selection, resuming (SLURM requeue
-included), the logger, the resume hint, early stopping, and the evaluation limits that cut queries but never the
-gallery.
+included), the logger, the resume hint, early stopping, a progress bar that never waits for the GPU, and the
+evaluation limits that cut queries but never the gallery.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
-from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -150,6 +150,61 @@ class StepCheckpoint(ModelCheckpoint):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 
+def logs_after_batch(trainer: L.Trainer, step_at_batch_start: int) -> bool:
+    """Whether Lightning writes the logs after this training batch: the batch ended an optimizer step whose count is a
+    multiple of `trainer.log_every_n_steps`.
+
+    Writing the logs reads every logged value from the GPU, which waits for the queued kernels (a host
+    synchronisation); anything else that must read the device (a non-finite check, the progress bar's losses) is
+    cheapest there. Under gradient accumulation the batches that only accumulate never log.
+    """
+    every = trainer.log_every_n_steps
+    stepped = trainer.global_step != step_at_batch_start
+    return stepped and every > 0 and trainer.global_step % every == 0
+
+
+class LoggedStepProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, except that the training losses it shows are read only after batches that log.
+
+    Lightning's own bar reads them after every batch: each read waits for the GPU to finish the batch, so the host
+    could never queue the next batch while the GPU computes. The batch count still moves every `refresh_rate` batches;
+    the losses shown are those of the last logged step (every batch's with `trainer.log_every_n_steps=1` and no
+    gradient accumulation).
+    """
+
+    def __init__(self, refresh_rate: int = 1, shown: dict[str, str] | None = None) -> None:
+        """Args:
+        refresh_rate: Batches between updates of the bar.
+        shown: Logged training metric -> its label on the bar (default: the total loss as `loss`).
+        """
+        super().__init__(refresh_rate=refresh_rate)
+        self.shown = shown or {"train/total_loss": "loss"}
+        self._logged: dict[str, float] = {}
+        self._step_at_batch_start = 0
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        bar, done = self.train_progress_bar, batch_idx + 1
+        if bar is None or bar.disable:
+            return
+        if logs_after_batch(trainer, self._step_at_batch_start):
+            logged = trainer.logged_metrics
+            self._logged = {label: float(logged[name]) for name, label in self.shown.items() if name in logged}
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+        if done % self.refresh_rate == 0 or done == bar.total:
+            bar.n = done
+            bar.refresh()
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        return {**super().get_metrics(trainer, pl_module), **self._logged}
+
+
 def slurm_job_id() -> str:
     """The id `scontrol requeue` takes: `<array job>_<task>` in a job array, else the job id."""
     array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
@@ -217,6 +272,7 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
 RESUME_INDIFFERENT = (
     "ckpt_path",
     "backbone.compile",
+    "backbone.compile_mode",
     "backbone.gradient_checkpointing",
     "backbone.half_precision_frozen_weights",
 )
@@ -304,6 +360,8 @@ def training_callbacks(cfg: DictConfig, checkpoint_dir: Path) -> tuple[ModelChec
         save_on_train_epoch_end=True,  # also in epochs without validation (check_val_every_n_epoch > 1)
     )
     callbacks = [best, latest, ResumeHint(latest), LearningRateMonitor(logging_interval="step"), QueryLimit()]
+    if cfg.trainer.get("enable_progress_bar") is not False:
+        callbacks.append(LoggedStepProgressBar())
     if settings.every_n_train_steps:
         # The same file every N optimizer steps, mid-epoch included (Lightning triggers a ModelCheckpoint either by
         # steps or by epochs, hence a second one). A run resumed from it continues inside the epoch

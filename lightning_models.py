@@ -14,6 +14,7 @@ from torch import Tensor
 
 from config_schema import typed
 from data.datasets import load_rgb
+from lightning_callbacks import logs_after_batch
 from model.backbone import enable_gradient_checkpointing, patch_size_of
 from model.build import autocast_dtype, build_model, compile_towers, compiles, store_frozen_linears
 from model.features import TrainFeatures, gathered
@@ -87,6 +88,7 @@ class TBPSLitModule(L.LightningModule):
         # Device-side record of a non-finite training loss (see _flag_if_not_finite).
         self._non_finite: Tensor | None = None
         self._non_finite_step = self._non_finite_terms = None
+        self._step_at_batch_start = 0
         self._term_names: list[str] = []
         self._compiled = False  # setup() runs for fit and again for test: compile once
         self.eval_results: dict[str, dict[str, dict[str, float]]] = {}
@@ -101,11 +103,17 @@ class TBPSLitModule(L.LightningModule):
 
     # ---------------------------------------------------------------- placement
     def setup(self, stage: str) -> None:
-        device = self.trainer.strategy.root_device
+        self.prepare(stage, self.trainer.strategy.root_device, str(self.trainer.precision))
+
+    def prepare(self, stage: str, device: torch.device, precision: str) -> None:
+        """Apply the speed and memory settings for `stage` on `device` under `precision` (Lightning's `setup` calls
+        this; a plain training loop calls it itself): frozen linear weights in half precision and the memory plan when
+        training, then compiled towers.
+        """
         compiled = self._compiled or compiles(self.cfg.backbone.compile, stage, device)
         if stage == "fit":
-            self._store_frozen_weights_in_half()
-            self._choose_checkpointing(device, compiled=compiled)
+            self._store_frozen_weights_in_half(precision)
+            self._choose_checkpointing(device, precision, compiled=compiled)
         if compiled:
             self._compile_towers()
 
@@ -122,16 +130,16 @@ class TBPSLitModule(L.LightningModule):
             text_passes=1 + int(objective.needs_masked_captions),
         )
 
-    def _store_frozen_weights_in_half(self) -> None:
+    def _store_frozen_weights_in_half(self, precision: str) -> None:
         """`backbone.half_precision_frozen_weights`: frozen linear weights in the autocast dtype (same values)."""
-        dtype = autocast_dtype(self.trainer.precision)
+        dtype = autocast_dtype(precision)
         if not self.cfg.backbone.half_precision_frozen_weights or dtype is None:
             return
         count = store_frozen_linears(self.model, dtype)
         if count:
             log.info("%d frozen linear layers stored in %s, the dtype autocast computes them in.", count, dtype)
 
-    def _choose_checkpointing(self, device: torch.device, *, compiled: bool) -> None:
+    def _choose_checkpointing(self, device: torch.device, precision: str, *, compiled: bool) -> None:
         """`backbone.gradient_checkpointing=null` (auto): on when the step would not fit the GPU without it."""
         if self.cfg.backbone.gradient_checkpointing is not None or device.type != "cuda":
             return
@@ -141,7 +149,7 @@ class TBPSLitModule(L.LightningModule):
             self.step_shape(),
             optimizer=str(self.cfg.optimizer.type).rsplit(".", 1)[-1],
             device_bytes=usable_device_bytes(device),
-            mixed_precision="16" in str(self.trainer.precision),
+            mixed_precision="16" in precision,
             compiled=compiled,
         )
         log.info("Memory plan: %s.", reason)
@@ -154,9 +162,16 @@ class TBPSLitModule(L.LightningModule):
             return
         # Chosen automatically: a GPU or toolchain that fails to compile falls back to eager steps (with dynamo's
         # warning) instead of stopping the run; backbone.compile=true keeps the error.
-        count = compile_towers(self.model.backbone, fall_back_to_eager=self.cfg.backbone.compile is None)
+        settings = self.cfg.backbone
+        count = compile_towers(
+            self.model.backbone, mode=settings.compile_mode, fall_back_to_eager=settings.compile is None
+        )
         self._compiled = True
-        log.info("torch.compile: %d transformer layers of both towers (compiled on their first batch).", count)
+        log.info(
+            "torch.compile (mode %s): %d transformer layers of both towers (compiled on their first batch).",
+            settings.compile_mode,
+            count,
+        )
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -196,7 +211,9 @@ class TBPSLitModule(L.LightningModule):
         total = torch.stack(list(terms.values())).sum()
         self._flag_if_not_finite(total, terms)
         batch_size = feats.pids.shape[0]
-        self.log("train/total_loss", total, prog_bar=True, batch_size=batch_size)
+        # Not prog_bar=True: Lightning reads progress-bar values from the device after every batch (a host
+        # synchronisation per step); LoggedStepProgressBar shows the loss of the logged steps instead.
+        self.log("train/total_loss", total, batch_size=batch_size)
         self.log_dict({f"train/{name}": value for name, value in terms.items()}, batch_size=batch_size)
         stats = {"logit_scale": feats.logit_scale, "logit_bias": feats.logit_bias, **pair_statistics(feats)}
         if objective.settings.circle_term:
@@ -259,8 +276,11 @@ class TBPSLitModule(L.LightningModule):
             "holds finite weights."
         )
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._step_at_batch_start = self.global_step
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.global_step % max(int(self.trainer.log_every_n_steps), 1) == 0:  # when Lightning logs (it syncs)
+        if logs_after_batch(self.trainer, self._step_at_batch_start):  # Lightning reads the device there anyway
             self.check_finite()
 
     def on_train_epoch_end(self) -> None:

@@ -191,7 +191,7 @@ def export(checkpoint: Path, out_dir: Path, base_model: str | None = None) -> Pa
             cfg.tokenizer.pretrained_model_name_or_path, cfg.tokenizer.model_max_length
         )
 
-    base_path = Path(cfg.backbone.path)
+    base_path, base = Path(cfg.backbone.path), None
     if base_path.is_dir():
         base = type(module.model.backbone).from_pretrained(base_path, dtype=torch.float32)
         restored = restore_base_precision(module.model.backbone, base)
@@ -222,7 +222,7 @@ def export(checkpoint: Path, out_dir: Path, base_model: str | None = None) -> Pa
         mean=list(cfg.aug.img.mean),
         std=list(cfg.aug.img.std),
         text_attention_mask=bool(cfg.tokenizer.use_attention_mask),
-        adapter_base=AdapterBase(base_path, name, load_tokenizer().tokenizer),
+        adapter_base=AdapterBase(base_path, name, load_tokenizer().tokenizer, loaded=base),
         card=card,
     )
 

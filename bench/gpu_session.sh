@@ -26,8 +26,9 @@ wanted() { [ -z "$sections" ] || [[ " $sections " == *" $1 "* ]]; }
 copy_out() { if [ -n "${OUT:-}" ]; then cp "$out"/*.md "$out"/*.json "$OUT"/ 2>/dev/null; fi; }
 if wanted train_throughput; then
     echo "== train_throughput"
-    timeout "${TRAIN_TIMEOUT:-330}" python3 -m bench.train_throughput --out "$out" ${TRAIN_ARGS:-} 2>&1 \
-        | grep -v -i -E 'warn|^\s*$|LOCAL_RANK|GPU available|TPU available|HPU available' | tail -40
+    # The progress bar's updates (carriage returns) become lines and are dropped with the other noise.
+    timeout "${TRAIN_TIMEOUT:-330}" python3 -m bench.train_throughput --out "$out" ${TRAIN_ARGS:-} 2>&1 | tr '\r' '\n' \
+        | grep -v -i -E 'warn|^\s*$|LOCAL_RANK|GPU available|TPU available|HPU available|it/s\]|s/it\]' | tail -40
     copy_out
 fi
 if wanted train_profile; then

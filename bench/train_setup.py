@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from transformers import SiglipConfig, SiglipModel
 
 from lightning_models import TBPSLitModule
-from model.build import autocast_dtype, compile_towers, compiles, store_frozen_linears
+from model.build import autocast_dtype
 from model.strategies import StepContext
 from solver.build import build_optimizer
 
@@ -145,13 +145,9 @@ def bare_setup(cfg):
     torch.manual_seed(0)
     module = TBPSLitModule(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, objective = module.model.train(), module.objective  # checkpointing set by build_model
-    dtype = autocast_dtype(cfg.trainer.precision)
-    if cfg.backbone.half_precision_frozen_weights and dtype is not None:
-        store_frozen_linears(model, dtype)
-    model.to(device)
-    if compiles(cfg.backbone.compile, "fit", device):
-        compile_towers(model.backbone)
+    module.prepare("fit", device, cfg.trainer.precision)
+    model, objective = module.model.train().to(device), module.objective
     optimizer = build_optimizer(cfg.optimizer, model)
+    dtype = autocast_dtype(cfg.trainer.precision)
     autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
     return model, objective, optimizer, autocast

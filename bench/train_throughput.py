@@ -7,10 +7,12 @@
 The backbone is `google/siglip-base-patch16-256-multilingual`'s architecture (vocab 250,000, 12+12 layers of width
 768) built from its config with random weights, so no download is needed. Every variant trains the original
 project's selected recipe (auxiliary_cross: N-ITC + cross-modal Circle, MVS, SimCLR, C-ITC; 6 identities x 4 images,
-captions of 64 tokens) on the same synthetic batches with `TBPSLitModule` in a `lightning.Trainer`; variants marked
-"bare" also run a hand-written loop over the same model, objective and optimizer with the same levers (the
-Lightning/bare ratio). Variants add one lever at a time to `before` (the code's behaviour before these levers: every
-parameter trained, loop AdamW, a host synchronisation per step, frozen weights in fp32, eager):
+captions of 64 tokens) on the same synthetic batches with `TBPSLitModule` in a `lightning.Trainer` that logs (to a
+CSV file, every `trainer.log_every_n_steps` of the recipe) and shows its progress bar as `trainer.py` does, without
+gradient accumulation; variants marked "bare" also run a hand-written loop over the same model, objective and
+optimizer with the same levers (the Lightning/bare ratio). Variants add one lever at a time to `before` (the code's
+behaviour before these levers: every parameter trained, loop AdamW, a host synchronisation per step, frozen weights
+in fp32, eager):
 
 - `frozen-emb`: no gradient or AdamW state for the 250,000 x 768 token embedding (`backbone.freeze.token_embedding`);
 - `fused`: torch's fused AdamW (`optimizer.fused`);
@@ -21,6 +23,8 @@ parameter trained, loop AdamW, a host synchronisation per step, frozen weights i
   bf16, compiled);
 - `cap12` / `cap8`: `all` under a hard 12 / 8 GiB cap (`torch.cuda.set_per_process_memory_fraction`; the seed's RTX
   3060, an 8 GB card), gradient checkpointing left to the memory plan;
+- `cudagraphs`: each compiled layer replayed as a CUDA graph (`backbone.compile_mode=reduce-overhead`);
+- `autotune`: inductor searches the matrix-product kernels (`backbone.compile_mode=max-autotune-no-cudagraphs`);
 - `fp32-frozen`: LoRA's frozen base weights kept in fp32 (`backbone.half_precision_frozen_weights=false`).
 
 Reported per variant: samples/s after warm-up, speed-up over `before` of the same mode, peak allocated memory, the
@@ -41,6 +45,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import CSVLogger
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.train_setup import (
@@ -57,6 +62,7 @@ from bench.train_setup import (
 )
 from bench.train_throughput_report import Report, compare_with_eager_twin, fmt, peak_tflops
 from config_schema import register_schema
+from lightning_callbacks import LoggedStepProgressBar
 from lightning_models import TBPSLitModule
 
 GIB = 2**30
@@ -69,6 +75,8 @@ BEFORE = [
     "backbone.half_precision_frozen_weights=false",
 ]
 ALL = ["backbone.compile=true", "backbone.gradient_checkpointing=false"]
+#: Variant name parts whose lever needs CUDA (bitsandbytes, CUDA graphs, Triton kernel tuning).
+CUDA_ONLY_LEVERS = ("8bit", "cudagraphs", "autotune")
 NO_DROPOUT = ["backbone.text_config.attention_dropout=0.0", "++backbone.vision_config.attention_dropout=0.0"]
 
 
@@ -92,6 +100,9 @@ def all_variants() -> list[Variant]:
         Variant("frozen-emb+fused", False, (frozen[0], "optimizer.fused=true", *BEFORE[2:]), sync_every_step=True),
         Variant("all+8bit", False, (*ALL, "optimizer.type=bitsandbytes.optim.AdamW8bit")),
         Variant("all+ckpt", False, (ALL[0], "backbone.gradient_checkpointing=true")),
+        Variant("all+cudagraphs", True, (*ALL, "backbone.compile_mode=reduce-overhead"), eager_twin="all-eager"),
+        Variant("all+cudagraphs", False, (*ALL, "backbone.compile_mode=reduce-overhead"), eager_twin="all-eager"),
+        Variant("all+autotune", True, (*ALL, "backbone.compile_mode=max-autotune-no-cudagraphs")),
         Variant("all-fp32-frozen", True, (*ALL, "backbone.half_precision_frozen_weights=false")),
         Variant("all+ckpt", True, (ALL[0], "backbone.gradient_checkpointing=true")),
         # Compiled vs eager with dropout off: the loss difference is then the compiler's numerics alone.
@@ -141,22 +152,23 @@ class _Recorder(L.Callback):
             self.peak_gib = _peak_gib()
 
 
-def run_lightning(cfg, variant: Variant, pool: BatchPool, warmup: int) -> dict:
+def run_lightning(cfg, variant: Variant, pool: BatchPool, warmup: int, log_dir: Path) -> dict:
     torch.manual_seed(0)
     module = TBPSLitModule(cfg)
     recorder = _Recorder(warmup, len(pool), variant.sync_every_step)
+    # Logged and shown as trainer.py does (CSV instead of W&B): the reads of logged values are part of a user's step.
     trainer = L.Trainer(
         max_steps=len(pool),
         precision=cfg.trainer.precision,
         accelerator="auto",
         devices=1,
-        logger=False,
+        logger=CSVLogger(log_dir),
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
         enable_checkpointing=False,
-        enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        callbacks=[recorder],
+        callbacks=[recorder, LoggedStepProgressBar()],
     )
     loader = torch.utils.data.DataLoader(pool, batch_size=None, shuffle=False, pin_memory=torch.cuda.is_available())
     trainer.fit(module, train_dataloaders=loader)
@@ -223,7 +235,11 @@ def main(argv: list[str] | None = None) -> None:
     cuda, shape, precision, device = setting.cuda, setting.shape, setting.precision, setting.device
     variants = [v for v in all_variants() if not args.variants or v.key in args.variants]
     if not cuda:  # CUDA-only levers, and a CPU smoke run keeps to the goals' rows
-        variants = [v for v in variants if v.cap_gib is None and "8bit" not in v.name and v.batch < 128]
+        variants = [
+            v
+            for v in variants
+            if v.cap_gib is None and not any(lever in v.name for lever in CUDA_ONLY_LEVERS) and v.batch < 128
+        ]
     peak = peak_tflops(device)
     report = Report(
         device,
@@ -246,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
                 total = torch.cuda.get_device_properties(0).total_memory
                 torch.cuda.set_per_process_memory_fraction(min(1.0, variant.cap_gib * GIB / total))
             try:
-                row = run_lightning(cfg, variant, pool, args.warmup)
+                row = run_lightning(cfg, variant, pool, args.warmup, Path(tmp) / "logs")
             except Exception as error:  # out of memory, a missing optional package: report it, run the others
                 print(f"{variant.key}: FAILED {type(error).__name__}: {str(error).splitlines()[0][:300]}", flush=True)
                 report.failures.append(f"{variant.key} (batch {variant.batch}): {type(error).__name__}")

@@ -66,11 +66,14 @@ class AdapterBase:
         path: Local folder of the base checkpoint, loaded here to compare and to verify.
         name: What `adapter_config.json` records as `base_model_name_or_path` (a hub id, or the local folder).
         tokenizer: The base tokenizer (without an MLM mask token), saved in the adapter folder.
+        loaded: The base checkpoint already loaded in float32 by the caller, handed over (`export_adapter` injects the
+            adapters into it); None: loaded from `path`.
     """
 
     path: Path
     name: str
     tokenizer: PreTrainedTokenizerBase
+    loaded: PreTrainedModel | None = None
 
 
 @dataclass(frozen=True)
@@ -248,7 +251,9 @@ def export_adapter(
             f"the base checkpoint {base.path} the adapter applies to is not here to check it against; put it back "
             "(uv run prepare_checkpoints.py) or use the merged export."
         )
-    reference = type(backbone).from_pretrained(base.path, dtype=torch.float32)
+    reference = (
+        base.loaded if base.loaded is not None else type(backbone).from_pretrained(base.path, dtype=torch.float32)
+    )
     problems, resized_grid = uncarried_weights(backbone, reference, image_size)
     interpolate = resized_grid or needs_per_call_interpolation(backbone, image_size)
     if problems:

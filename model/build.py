@@ -39,6 +39,10 @@ class FreezeSettings:
     token_embedding: bool = True
 
 
+#: torch.compile's modes (`backbone.compile_mode`).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass
 class BackboneSettings:
     """The `backbone` config group."""
@@ -55,6 +59,10 @@ class BackboneSettings:
     # (`compiles`), falling back to eager steps on a compile error; false keeps every step eager, true compiles on
     # the CPU too and stops on a compile error.
     compile: bool | None = None
+    # torch.compile's mode for those layers (COMPILE_MODES): "reduce-overhead" replays each layer's kernels as a CUDA
+    # graph (one launch instead of dozens, for steps that wait on kernel launches), "max-autotune-no-cudagraphs"
+    # searches faster matrix-product kernels (minutes of compilation).
+    compile_mode: str = "default"
     # Under 16-bit mixed precision, store frozen nn.Linear weights (LoRA's base model, frozen towers) in the autocast
     # dtype: autocast casts every linear weight to that dtype anyway, so the step computes exactly the same values with
     # half the weight memory, no per-step cast and no cached half copy (LoRA r32 at 384x128, batch 24: about -0.7 GiB).
@@ -73,8 +81,13 @@ class BackboneSettings:
         return cls(**values)
 
     def problems(self) -> list[str]:
-        """The image size must tile into whole patches of the checkpoint (or of the tiny one to be built)."""
-        return image_size_problems(self.path, self.image_size, patch_size=self.tiny.patch_size if self.tiny else None)
+        """The image size must tile into whole patches of the checkpoint (or of the tiny one to be built); the compile
+        mode must be torch's.
+        """
+        issues = image_size_problems(self.path, self.image_size, patch_size=self.tiny.patch_size if self.tiny else None)
+        if self.compile_mode not in COMPILE_MODES:
+            issues.append(f"backbone.compile_mode={self.compile_mode!r} is unknown; valid: {list(COMPILE_MODES)}.")
+        return issues
 
 
 def build_model(
@@ -162,14 +175,15 @@ def triton_usable() -> bool:
 RECOMPILE_LIMIT = 32
 
 
-def compile_towers(backbone: PreTrainedModel, *, fall_back_to_eager: bool = False) -> int:
+def compile_towers(backbone: PreTrainedModel, *, mode: str = "default", fall_back_to_eager: bool = False) -> int:
     """torch.compile every transformer layer of both towers in place; returns how many were compiled.
 
     Layer by layer rather than whole towers: the layers of a tower share their code, so one compiled graph serves all
     of them (parameters are graph inputs), which compiles about ten times faster than a whole tower for the same
     fused kernels. In place (`nn.Module.compile`), so state_dict keys, checkpoints and exports do not change.
-    Compilation happens at the first call; `fall_back_to_eager` makes a failure there run that code eagerly (with
-    dynamo's warning) instead of raising. Both settings are process-wide (dynamo's configuration).
+    `mode` is torch.compile's (`COMPILE_MODES`). Compilation happens at the first call; `fall_back_to_eager` makes a
+    failure there run that code eagerly (with dynamo's warning) instead of raising. Both settings are process-wide
+    (dynamo's configuration).
     """
     import torch._dynamo
 
@@ -180,7 +194,7 @@ def compile_towers(backbone: PreTrainedModel, *, fall_back_to_eager: bool = Fals
         config.suppress_errors = True
     layers = [*backbone.vision_model.encoder.layers, *backbone.text_model.encoder.layers]
     for layer in layers:
-        layer.compile()
+        layer.compile(mode=mode)
     return len(layers)
 
 

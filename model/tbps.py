@@ -14,12 +14,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
 from model.features import TrainFeatures
 from model.heads import CrossModalMLMHead, IdentityClassifier
 
 #: The temperature exp(logit_scale) is capped at this value (CLIP's and SigLIP's cap).
 MAX_TEMPERATURE = 100.0
+
+
+#: How each text tower turns the (B, L) padding mask into its attention mask, by `text_config.model_type`. Called
+#: here with transformers' skip switched off: to drop a mask without padding, transformers reads it back from the GPU
+#: (a host synchronisation in every forward); a prepared 4-D mask it takes as it is. An all-ones mask then costs one
+#: masked attention, which SigLIP's max-length padding needs anyway.
+TEXT_MASKS = {
+    "siglip_text_model": lambda config, embeds, mask: create_bidirectional_mask(
+        config, embeds, mask, allow_is_bidirectional_skip=False
+    ),
+    "clip_text_model": lambda config, embeds, mask: create_causal_mask(
+        config, embeds, mask, None, allow_is_causal_skip=False
+    ),
+}
 
 
 def pooled(output) -> Tensor:
@@ -108,7 +123,19 @@ class TBPS(nn.Module):
 
     def text_embeddings(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Pooled, unnormalised text embeddings (B, D)."""
-        return pooled(self.backbone.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
+        mask = self.text_attention_mask(input_ids, attention_mask)
+        return pooled(self.backbone.get_text_features(input_ids=input_ids, attention_mask=mask))
+
+    def text_attention_mask(self, input_ids: Tensor, padding_mask: Tensor | None) -> Tensor | None:
+        """The text tower's attention mask for a (B, L) padding mask, built as the tower would (`TEXT_MASKS`)."""
+        text_config = self.backbone.config.text_config
+        build = TEXT_MASKS.get(text_config.model_type)
+        if padding_mask is None or build is None:
+            return padding_mask
+        dtype = self.backbone.text_model.embeddings.token_embedding.weight.dtype
+        # The builders read only the shape, dtype and device of the embeddings they are given.
+        embeds_like = input_ids.new_empty((*input_ids.shape, 0), dtype=dtype)
+        return build(text_config, embeds_like, padding_mask)
 
     def encode_image(self, pixel_values: Tensor) -> Tensor:
         """L2-normalised image embeddings (B, D)."""
@@ -166,8 +193,9 @@ class TBPS(nn.Module):
 
         mlm_logits = None
         if self.mlm_head is not None:
+            mlm_ids = batch["mlm_input_ids"]
             masked = self.backbone.text_model(
-                input_ids=batch["mlm_input_ids"], attention_mask=batch.get("mlm_attention_mask")
+                input_ids=mlm_ids, attention_mask=self.text_attention_mask(mlm_ids, batch.get("mlm_attention_mask"))
             )
             mlm_logits = self.mlm_head(masked.last_hidden_state, vision.last_hidden_state[:batch_size])
         return TrainFeatures(

@@ -19,7 +19,7 @@ from transformers import SiglipConfig, SiglipModel
 
 import model.build
 from model.backbone import load_backbone
-from model.build import build_model, compile_towers, compiles, store_frozen_linears
+from model.build import BackboneSettings, build_model, compile_towers, compiles, store_frozen_linears
 from model.lora import LoraSettings, apply_lora
 from model.memory import GIB, StepShape, estimated_peak_bytes, needs_checkpointing
 from model.objective import Objective
@@ -319,18 +319,38 @@ def test_default_num_workers_feeds_the_gpu_but_leaves_a_core_to_training(monkeyp
         assert config.default_num_workers() == expected
 
 
-def test_compiling_the_towers_lifts_dynamos_recompile_limit_and_falls_back_to_eager_only_when_asked(
-    tiny_checkpoint, monkeypatch
-):
+def test_compiling_the_towers_lifts_dynamos_recompile_limit_and_falls_back_to_eager_only_when_asked(tiny_checkpoint):
     import torch._dynamo
 
     config = torch._dynamo.config
-    monkeypatch.setattr(config, "recompile_limit", 8)  # dynamo's default
-    monkeypatch.setattr(config, "suppress_errors", False)
+    # dynamo's defaults, restored afterwards by its own patcher (pytest's monkeypatch deletes its settings on undo)
+    with config.patch(recompile_limit=8, suppress_errors=False):
+        backbone = load_backbone(tiny_checkpoint)
+        layers = len(backbone.vision_model.encoder.layers) + len(backbone.text_model.encoder.layers)
+        assert compile_towers(backbone) == layers  # lazy: nothing compiles before the first call
+        # One code object for every layer; training, validation and testing of two towers already make 8 variants.
+        assert config.recompile_limit > 8 and not config.suppress_errors
+        compile_towers(load_backbone(tiny_checkpoint), fall_back_to_eager=True)
+        assert config.suppress_errors
+    assert isinstance(config.recompile_limit, int)  # still readable once the patch is undone
+
+
+def test_compile_mode_reaches_torch_compile_for_every_layer_and_unknown_modes_are_refused(tiny_checkpoint, monkeypatch):
+    modes = []
+
+    def recording_compile(function, *args, **kwargs):
+        modes.append(kwargs.get("mode"))
+        return function
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
     backbone = load_backbone(tiny_checkpoint)
-    layers = len(backbone.vision_model.encoder.layers) + len(backbone.text_model.encoder.layers)
-    assert compile_towers(backbone) == layers  # lazy: nothing compiles before the first call
-    # One code object for every layer; training, validation and testing of two towers already make 8 variants.
-    assert config.recompile_limit > 8 and not config.suppress_errors
-    compile_towers(load_backbone(tiny_checkpoint), fall_back_to_eager=True)
-    assert config.suppress_errors
+    layers = compile_towers(backbone, mode="reduce-overhead")
+    assert modes == ["reduce-overhead"] * layers
+    # torch.compile's own modes (its documented list) are accepted; anything else is named with the valid ones.
+    for mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+        assert not BackboneSettings(path=str(tiny_checkpoint), image_size=[32, 32], compile_mode=mode).problems()
+    problems = BackboneSettings(path=str(tiny_checkpoint), image_size=[32, 32], compile_mode="fast").problems()
+    assert problems == [
+        "backbone.compile_mode='fast' is unknown; valid: "
+        "['default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs']."
+    ]

@@ -1,0 +1,135 @@
+"""A training run reads values back from the device only after batches that Lightning logs (and at epoch ends).
+
+On a GPU every such read (`.item()`, `float()`, `bool()`, `.tolist()`) waits for all queued kernels: one per batch
+keeps the host from queueing the next batch while the GPU computes. The expected batches come from the definition of
+Lightning's cadence, not from the code: an optimizer step ends every `accumulate_grad_batches` batches and at an
+epoch's last batch, and the logs are written when the step count is a multiple of `log_every_n_steps`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from tests.conftest import compose_config, demo_overrides
+from trainer import train
+
+READS = ("item", "tolist", "__bool__", "__float__", "__int__")
+
+
+class _ReadsPerBatch(Callback):
+    """Counts the host's reads of tensor values, per training batch (epoch, index); the data workers' are their own."""
+
+    def __init__(self) -> None:
+        self.current: tuple[int, int] | None = None
+        self.reads: dict[tuple[int, int], int] = {}
+        self.batches_per_epoch: int | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.current = (trainer.current_epoch, batch_idx)
+        self.batches_per_epoch = trainer.num_training_batches
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.current = None  # validation, checkpoints and the epoch's own checks follow
+
+    def on_train_end(self, trainer, pl_module):
+        bar = trainer.progress_bar_callback
+        self.shown = bar.get_metrics(trainer, pl_module) if bar is not None and bar.is_enabled else None
+
+    def count(self) -> None:
+        if self.current is not None:
+            self.reads[self.current] = self.reads.get(self.current, 0) + 1
+
+
+def _logging_batches(epochs: int, batches: int, accumulate: int, log_every: int) -> set[tuple[int, int]]:
+    steps, logged = 0, set()
+    for epoch in range(epochs):
+        for index in range(batches):
+            if (index + 1) % accumulate == 0 or index == batches - 1:
+                steps += 1
+                if steps % log_every == 0:
+                    logged.add((epoch, index))
+    return logged
+
+
+@pytest.mark.parametrize("progress_bar", [True, False])
+def test_training_reads_the_device_only_after_logged_batches_and_at_epoch_ends(
+    demo_root, tmp_path, monkeypatch, progress_bar
+):
+    recorder = _ReadsPerBatch()
+    for name in READS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            recorder.count()
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    epochs, accumulate, log_every = 2, 2, 3
+    overrides = (
+        f"trainer.max_epochs={epochs}",
+        "dataset.batch_size=16",
+        f"++trainer.accumulate_grad_batches={accumulate}",
+        f"trainer.log_every_n_steps={log_every}",
+        f"++trainer.enable_progress_bar={str(progress_bar).lower()}",
+        "optimizer.fused=true",  # the CUDA default; the loop AdamW reads its CPU step counters
+        "dataset.num_workers=1",  # augmentation reads CPU tensors: in a worker, not counted here
+    )
+    train(compose_config("demo", demo_overrides(demo_root, *overrides)), tmp_path, callbacks=[recorder])
+
+    batches = recorder.batches_per_epoch
+    assert batches >= 6  # several optimizer steps per epoch, not all of them logged
+    logged = _logging_batches(epochs, batches, accumulate, log_every)
+    assert 0 < len(logged) < epochs * batches // accumulate
+    read_in = set(recorder.reads)
+    assert read_in <= logged, f"reads after batches that do not log: {sorted(read_in - logged)}"
+    assert read_in, "the logged batches read the losses (the logger, the non-finite check)"
+    if progress_bar:  # the bar still shows the loss, that of the last logged step
+        assert isinstance(recorder.shown["loss"], float)
+    else:
+        assert recorder.shown is None
+
+
+class _CountReads:
+    """Counts the host's reads of tensor values inside the block."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.count = 0
+        for name in READS:
+            original = getattr(torch.Tensor, name)
+
+            def counted(tensor, *args, _original=original, **kwargs):
+                self.count += 1
+                return _original(tensor, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+@pytest.mark.parametrize("architecture", ["siglip", "clip"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_text_masks_are_built_without_a_read_and_mask_as_transformers_does(
+    tiny_checkpoint, tiny_clip_checkpoint, monkeypatch, architecture, attention
+):
+    from transformers import AutoModel
+
+    from model.tbps import TBPS
+
+    path = tiny_checkpoint if architecture == "siglip" else tiny_clip_checkpoint
+    backbone = AutoModel.from_pretrained(path, attn_implementation=attention).eval()
+    model = TBPS(backbone).eval()
+    ids = torch.randint(3, 150, (4, 16), generator=torch.Generator().manual_seed(0))
+    padded = torch.ones_like(ids)
+    padded[0, 9:] = padded[2, 5:] = 0
+    with torch.no_grad():
+        for mask in (padded, torch.ones_like(ids)):
+            expected = backbone.get_text_features(input_ids=ids, attention_mask=mask).pooler_output  # transformers' own
+            reads = _CountReads(monkeypatch)
+            got = model.text_embeddings(ids, mask)
+            monkeypatch.undo()
+            assert reads.count == 0
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        unmasked = backbone.get_text_features(input_ids=ids).pooler_output
+    if architecture == "siglip":  # pools the last position, which attends to the masked ones (CLIP's causal pooling
+        # position may precede them): the mask must change it
+        assert not torch.allclose(model.text_embeddings(ids, padded)[0], unmasked[0], atol=1e-4)
