@@ -4,12 +4,13 @@
     uv run python -m bench.train_profile --variants lora:all-eager --steps 5
     uv run python -m bench.train_profile --small                 # CPU-sized shapes (a smoke run of the tool)
 
-Trains the variants of `bench.train_throughput` (same model, recipe, synthetic batches and levers) with a plain loop
-under `torch.profiler` and reports per step: wall time, the time GPU kernels ran (their durations summed: one stream,
-so they do not overlap), the busy fraction (kernel time / wall time; far below 1 means the GPU waits on the host),
-kernel launches, and the ten kernels and ten host operators that took longest. At batch 24 the seed recipe runs
-at 10 to 14 % of an H200's dense bf16 peak: this says whether launches, the host's Python or the kernels themselves
-are the reason. Results: bench/results/train_profile_<device>.md.
+Trains the variants of `bench.train_throughput` (same model, recipe, synthetic batches and levers) with a plain loop,
+first unprofiled (the host's time to queue a step, until the step's call returns, against the wall time per step:
+equal when the GPU waits on the host), then under `torch.profiler`, and reports per step: wall time, the time GPU
+kernels ran (their durations summed: one stream, so they do not overlap), the busy fraction (kernel time / wall time;
+far below 1 means the GPU waits on the host), kernel launches, and the ten kernels and ten host operators that took
+longest. At batch 24 the seed recipe runs at 10 to 14 % of an H200's dense bf16 peak: this says whether launches,
+the host's Python or the kernels themselves are the reason. Results: bench/results/train_profile_<device>.md.
 """
 
 from __future__ import annotations
@@ -45,6 +46,15 @@ def profile_variant(cfg, pool: BatchPool, warmup: int) -> dict:
     for step in range(warmup):
         bare_step(model, objective, optimizer, autocast, pool[step])
     sync()
+    # Unprofiled: how long the host takes to queue a step (until bare_step returns, no synchronisation) against the
+    # wall time per step. Equal means the GPU waits on the host; far below means the host waits on the GPU.
+    queued, start = [], time.perf_counter()
+    for step in range(warmup, len(pool)):
+        begin = time.perf_counter()
+        bare_step(model, objective, optimizer, autocast, pool[step])
+        queued.append(time.perf_counter() - begin)
+    sync()
+    unprofiled_wall = (time.perf_counter() - start) / len(queued)
     cuda = next(model.parameters()).is_cuda
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
     steps = len(pool) - warmup
@@ -59,6 +69,8 @@ def profile_variant(cfg, pool: BatchPool, warmup: int) -> dict:
     kernel_us = sum(e.self_device_time_total for e in kernels)
     operators = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU and e.key.startswith("aten::")]
     return {
+        "host_ms": 1e3 * sum(queued) / len(queued),
+        "unprofiled_wall_ms": 1e3 * unprofiled_wall,
         "wall_ms": 1e3 * wall,
         "kernel_ms": kernel_us / 1e3 / steps,
         "busy": kernel_us / 1e6 / steps / wall if cuda else None,
@@ -78,12 +90,16 @@ def markdown(header: str, results: dict[str, dict]) -> str:
     lines = [
         header,
         "",
-        "| variant | wall ms/step | GPU kernel ms/step | GPU busy | kernel launches/step |",
-        "|---|---|---|---|---|",
+        "| variant | host ms to queue a step | wall ms/step | profiled wall ms/step | GPU kernel ms/step | GPU busy | "
+        "kernel launches/step |",
+        "|---|---|---|---|---|---|---|",
     ]
     for key, r in results.items():
         busy = "-" if r["busy"] is None else f"{r['busy']:.0%}"
-        lines.append(f"| {key} | {r['wall_ms']:.1f} | {r['kernel_ms']:.1f} | {busy} | {r['launches']:.0f} |")
+        lines.append(
+            f"| {key} | {r['host_ms']:.1f} | {r['unprofiled_wall_ms']:.1f} | {r['wall_ms']:.1f} | "
+            f"{r['kernel_ms']:.1f} | {busy} | {r['launches']:.0f} |"
+        )
     for key, r in results.items():
         for title, rows, unit in (
             ("kernels by GPU time", r["top_kernels"], "GPU"),
