@@ -1,6 +1,6 @@
 """What a training run adds to `lightning.Trainer`: checkpoint writing and selection, resuming (the SLURM requeue
-itself is `lightning_slurm`), the logger, the resume hint, early stopping, a progress bar that never waits for the
-GPU, and the evaluation limits that cut queries but never the gallery.
+itself is `lightning_slurm`), the logger, the resume hint, early stopping, a progress bar that reads the GPU only
+when Lightning logs, and the evaluation limits that cut queries but never the gallery.
 """
 
 from __future__ import annotations
@@ -73,16 +73,20 @@ class StepCheckpoint(ModelCheckpoint):
 
 
 def logs_after_batch(trainer: L.Trainer, step_at_batch_start: int) -> bool:
-    """Whether Lightning writes the logs after this training batch: the batch ended an optimizer step whose count is a
-    multiple of `trainer.log_every_n_steps`.
+    """Whether Lightning writes the logs after this training batch: the batch ended an optimizer step, and the step
+    count is a multiple of `trainer.log_every_n_steps`, or training is stopping (`trainer.should_stop`, e.g. early
+    stopping held back by `min_epochs`), or under `fast_dev_run` (Lightning's own rule).
 
     Writing the logs reads every logged value from the GPU, which waits for the queued kernels (a host
     synchronisation); anything else that must read the device (a non-finite check, the progress bar's losses) is
     cheapest there. Under gradient accumulation the batches that only accumulate never log.
     """
+    if trainer.global_step == step_at_batch_start:  # gradients still accumulating
+        return False
+    if trainer.fast_dev_run:
+        return True
     every = trainer.log_every_n_steps
-    stepped = trainer.global_step != step_at_batch_start
-    return stepped and every > 0 and trainer.global_step % every == 0
+    return every > 0 and (trainer.global_step % every == 0 or trainer.should_stop)
 
 
 class LoggedStepProgressBar(TQDMProgressBar):

@@ -35,7 +35,7 @@ class SlurmRequeue(Callback):
     SIGTERM. In an epoch's last step the epoch's validation and its checkpoints (`last.ckpt` included) come first, and
     the job stops as the next epoch starts. The requeued job runs the same command in the same run folder and resumes
     from that file (`lightning_callbacks.resume_checkpoint`). Under DDP the processes agree on the step (one
-    all-reduce per optimizer step).
+    all-reduce per optimizer step, whose flag the host reads: the one read per step outside the logging steps).
 
     The signal is acted on while training; one that arrives in the final test is not (the job then ends at its time
     limit, and rerunning the command re-tests from the final `last.ckpt`).

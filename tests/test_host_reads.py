@@ -133,3 +133,33 @@ def test_text_masks_are_built_without_a_read_and_mask_as_transformers_does(
     if architecture == "siglip":  # pools the last position, which attends to the masked ones (CLIP's causal pooling
         # position may precede them): the mask must change it
         assert not torch.allclose(model.text_embeddings(ids, padded)[0], unmasked[0], atol=1e-4)
+
+
+def test_fast_dev_run_shows_the_loss_of_every_step(demo_root, tmp_path):
+    recorder = _ReadsPerBatch()
+    overrides = ("+trainer.fast_dev_run=true", "++trainer.enable_progress_bar=true", "trainer.log_every_n_steps=50")
+    train(compose_config("demo", demo_overrides(demo_root, *overrides)), tmp_path, callbacks=[recorder])
+    assert isinstance(recorder.shown["loss"], float)  # Lightning logs every step of a fast_dev_run
+
+
+@pytest.mark.parametrize(
+    ("steps", "log_every", "should_stop", "fast_dev_run", "expected"),
+    [
+        ((4, 4), 2, False, False, False),  # accumulating: no optimizer step, never logs
+        ((4, 5), 5, False, False, True),
+        ((5, 6), 5, False, False, False),
+        ((5, 6), 5, True, False, True),  # stopping (early stopping held back by min_epochs): every step logs
+        ((5, 6), 0, True, False, False),  # log_every_n_steps=0: never
+        ((5, 6), 0, False, True, True),  # fast_dev_run logs every step whatever log_every_n_steps says
+    ],
+)
+def test_logs_after_batch_follows_lightnings_rule(steps, log_every, should_stop, fast_dev_run, expected):
+    from types import SimpleNamespace
+
+    from lightning_callbacks import logs_after_batch
+
+    before, after = steps
+    trainer = SimpleNamespace(
+        global_step=after, log_every_n_steps=log_every, should_stop=should_stop, fast_dev_run=fast_dev_run
+    )
+    assert logs_after_batch(trainer, before) is expected
