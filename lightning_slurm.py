@@ -8,13 +8,18 @@ import logging
 import os
 import signal
 import subprocess
+from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from utils.distributed import world_size
 
 log = logging.getLogger(__name__)
 
@@ -24,18 +29,20 @@ REQUEUE_SIGNAL = signal.SIGUSR1
 
 
 class SlurmRequeue(Callback):
-    """Under SLURM, the requeue signal saves the resume point at the next optimizer step, requeues the job and stops.
+    """Under SLURM, the requeue signal saves the resume point at an optimizer step boundary, requeues the job and stops.
 
     Lightning's own handler (`SLURMEnvironment(auto_requeue=True)`, switched off by
     `lightning_callbacks.trainer_plugins`) saves `hpc_ckpt_N.ckpt` from inside the signal handler, wherever the step
     happens to be: after the optimizer step but before the progress counters, or with a gradient half accumulated, so
-    the resumed run repeats or loses a batch. Here the handler only notes the signal; at the end of the next optimizer
-    step, where weights, optimizer, schedule, loop progress, sampler position and random state agree, every process
-    writes `last.ckpt` (the file every other resume reads), rank 0 runs `scontrol requeue`, and training stops as on
-    SIGTERM. In an epoch's last step the epoch's validation and its checkpoints (`last.ckpt` included) come first, and
-    the job stops as the next epoch starts. The requeued job runs the same command in the same run folder and resumes
-    from that file (`lightning_callbacks.resume_checkpoint`). Under DDP the processes agree on the step (one
-    all-reduce per optimizer step, whose flag the host reads: the one read per step outside the logging steps).
+    the resumed run repeats or loses a batch. Here the handler only notes the signal; at the end of an optimizer step
+    (at most `VOTE_LAG` + 1 steps later), where weights, optimizer, schedule, loop progress, sampler position and
+    random state agree, every process writes `last.ckpt` (the file every other resume reads), rank 0 runs `scontrol
+    requeue`, and training stops as on SIGTERM. In an epoch's last step the epoch's validation and its checkpoints
+    (`last.ckpt` included) come first, and the job stops as the next epoch starts. The requeued job runs the same
+    command in the same run folder and resumes from that file (`lightning_callbacks.resume_checkpoint`). The
+    processes agree on the step: each optimizer step all-reduces whether any of them was signalled, and the host reads
+    that vote `VOTE_LAG` steps later, when the GPU has long finished it, so the agreement never makes the host wait for
+    the step being computed.
 
     The signal is acted on while training; one that arrives in the final test is not (the job then ends at its time
     limit, and rerunning the command re-tests from the final `last.ckpt`).
@@ -44,11 +51,15 @@ class SlurmRequeue(Callback):
         last: The resume checkpoint to write.
     """
 
+    #: Optimizer steps between a vote and the decision it feeds: the save comes at most this many steps later.
+    VOTE_LAG = 2
+
     def __init__(self, last: Path) -> None:
         self.last = last
         self.signalled = False
         self._previous: Any = None
         self._step_at_start = 0
+        self._votes: deque[Callable[[], bool]] = deque()
 
     def _note(self, signum: int, frame: FrameType | None) -> None:
         self.signalled = True
@@ -66,12 +77,17 @@ class SlurmRequeue(Callback):
         self._step_at_start = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        batch_idx = args[-1]
-        if trainer.global_step == self._step_at_start or ends_epoch(trainer, batch_idx):
-            return  # gradients still accumulating, or the epoch's validation and checkpoints come next
-        if trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
-            trainer.save_checkpoint(self.last)
-            self._requeue_and_stop(trainer)
+        if trainer.global_step == self._step_at_start:
+            return  # gradients still accumulating
+        # Every process votes once per optimizer step and reads the votes in the same order: the same decision at the
+        # same step everywhere.
+        self._votes.append(_vote(trainer.strategy.root_device, self.signalled))
+        if len(self._votes) <= self.VOTE_LAG or not self._votes.popleft()():
+            return
+        if ends_epoch(trainer, args[-1]):
+            return  # the epoch's validation and checkpoints come next; the next epoch's start stops
+        trainer.save_checkpoint(self.last)
+        self._requeue_and_stop(trainer)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Signalled in an epoch's last step or its validation: the end of that epoch wrote last.ckpt (and the best
@@ -83,6 +99,30 @@ class SlurmRequeue(Callback):
         if trainer.is_global_zero:
             _requeue(slurm_job_id(), self.last)
         raise SIGTERMException()
+
+
+def _vote(device: torch.device, signalled: bool) -> Callable[[], bool]:
+    """All-reduce whether any process was signalled; returns the read of the result, to call later.
+
+    torch's all-reduce rather than Lightning's `strategy.reduce`, which puts a barrier first (a host synchronisation).
+    On a GPU the sum is copied to pinned host memory behind the step's kernels: reading it waits for that copy only,
+    not for the steps queued since.
+    """
+    total = torch.full((), float(signalled), device=device)  # filled on the device: no copy from pageable memory
+    if world_size() > 1:
+        torch.distributed.all_reduce(total)
+    if device.type != "cuda":
+        return lambda: bool(total > 0)
+    host = torch.empty((), pin_memory=True)
+    host.copy_(total, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def read() -> bool:
+        copied.synchronize()
+        return bool(host > 0)
+
+    return read
 
 
 def ends_epoch(trainer: L.Trainer, batch_idx: int) -> bool:

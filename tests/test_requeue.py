@@ -172,9 +172,11 @@ def restore_sigusr1():
 @pytest.mark.parametrize(
     ("signal_after", "saved_at", "validated"),
     [
-        (2, 3, False),  # the signal arrives in step 3 of 4: saved at its end, mid-epoch
+        # The signal arrives in step 3 of 8, whose vote is read two steps later (SlurmRequeue.VOTE_LAG = 2, so that the
+        # read never waits for the step in flight): saved at the end of step 5, mid-epoch.
+        (2, 5, False),
         # In the epoch's last step: stopped after the epoch's validation and checkpoints, as epoch 1 starts.
-        (3, 4, True),
+        (7, 8, True),
     ],
 )
 def test_requeue_signal_saves_at_the_next_step_requeues_and_stops(
@@ -183,7 +185,7 @@ def test_requeue_signal_saves_at_the_next_step_requeues_and_stops(
     env, record = _slurm_env(tmp_path)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    overrides = ("trainer.max_epochs=2", "+trainer.limit_train_batches=4", "dataset.test_batch_size=512")
+    overrides = ("trainer.max_epochs=2", "+trainer.limit_train_batches=8", "dataset.test_batch_size=512")
     cfg = compose_config("demo", demo_overrides(demo_root, *overrides))
     with pytest.raises(SIGTERMException):  # trainer.py exits 143, as on SIGTERM
         train(cfg, tmp_path / "run", callbacks=[_SignalAt(signal_after)])
@@ -343,3 +345,32 @@ def test_training_loader_is_resumable_the_way_lightning_restores_loaders(demo_ro
 
     uninterrupted = epoch_items()
     assert epoch_items({"epoch": 1, "batches_done": 5}) == uninterrupted[5:]
+
+
+def _vote_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from lightning_slurm import _vote
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        signalled = [False, rank == 1, False, True]  # only rank 1 gets the signal in step 2; both in step 4
+        reads = [_vote(torch.device("cpu"), flag) for flag in signalled]
+        Path(out, f"rank{rank}.json").write_text(json.dumps([read() for read in reads]))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes import the whole project: about 20 s on 2 cores
+def test_the_requeue_vote_is_the_same_on_every_process_when_any_was_signalled(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(_vote_worker, args=(port, str(tmp_path)), nprocs=2, start_method="spawn", join=True)
+    for rank in range(2):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [False, True, False, True]
