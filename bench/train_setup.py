@@ -103,13 +103,15 @@ def forward_backward(model, objective, batch, autocast):
     return loss
 
 
-def bare_step(model, objective, optimizer, autocast, batch: dict, *, check_finite: bool = False) -> torch.Tensor:
-    """One training step of the plain loop on a host `batch` (copied to the model's device)."""
+def bare_step(model, objective, optimizer, autocast, batch: dict, *, read_loss: bool = False) -> torch.Tensor:
+    """One training step of the plain loop on a host `batch` (copied to the model's device); `read_loss`: read the
+    loss on the host (a non-finite check and a logger would), which waits for the step.
+    """
     device = next(model.parameters()).device
     batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
     loss = forward_backward(model, objective, batch, autocast)
-    if check_finite:
-        bool(torch.isfinite(loss))  # a host read of the loss, as the code did after every step before
+    if read_loss:
+        bool(torch.isfinite(loss))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss

@@ -10,9 +10,9 @@ project's selected recipe (auxiliary_cross: N-ITC + cross-modal Circle, MVS, Sim
 captions of 64 tokens) on the same synthetic batches with `TBPSLitModule` in a `lightning.Trainer` that logs (to a
 CSV file, every `trainer.log_every_n_steps` of the recipe) and shows its progress bar as `trainer.py` does, without
 gradient accumulation; variants marked "bare" also run a hand-written loop over the same model, objective and
-optimizer with the same levers (the Lightning/bare ratio). Variants add one lever at a time to `before` (the code's
-behaviour before these levers: every parameter trained, loop AdamW, a host synchronisation per step, frozen weights
-in fp32, eager):
+optimizer with the same levers, reading the loss when the Lightning run logs (the Lightning/bare ratio). Variants add
+one lever at a time to `before` (the code's behaviour before these levers: every parameter trained, loop AdamW, a
+host synchronisation per step, frozen weights in fp32, eager):
 
 - `frozen-emb`: no gradient or AdamW state for the 250,000 x 768 token embedding (`backbone.freeze.token_embedding`);
 - `fused`: torch's fused AdamW (`optimizer.fused`);
@@ -184,15 +184,20 @@ def run_lightning(cfg, variant: Variant, pool: BatchPool, warmup: int, log_dir: 
 
 
 def run_bare(cfg, variant: Variant, pool: BatchPool, warmup: int) -> dict:
-    """The same model, objective and optimizer with the same levers, trained by a plain loop."""
+    """The same model, objective and optimizer with the same levers, trained by a plain loop that reads the loss when
+    the Lightning run logs (every `trainer.log_every_n_steps` steps), or after every step for `before`.
+    """
     model, objective, optimizer, autocast = bare_setup(cfg)
+    log_every = cfg.trainer.log_every_n_steps
+    log_every = 50 if log_every is None else log_every  # Lightning's default when the config leaves it unset
     start = None
     for step in range(len(pool)):
         if step == warmup:
             sync()
             _reset_peak()
             start = time.perf_counter()
-        bare_step(model, objective, optimizer, autocast, pool[step], check_finite=variant.sync_every_step)
+        logs = log_every > 0 and (step + 1) % log_every == 0
+        bare_step(model, objective, optimizer, autocast, pool[step], read_loss=variant.sync_every_step or logs)
     sync()
     elapsed = time.perf_counter() - start
     result = {"samples_per_s": (len(pool) - warmup) * variant.batch / elapsed, "peak_gib": _peak_gib()}
