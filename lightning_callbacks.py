@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from config_schema import checkpoint_problems
-from lightning_slurm import SlurmRequeue, ends_epoch
+from lightning_slurm import SlurmRequeue, ends_epoch, ends_optimizer_step
 from utils.config import ConfigError
 from utils.io import atomic_write
 
@@ -72,7 +72,7 @@ class StepCheckpoint(ModelCheckpoint):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 
-def logs_after_batch(trainer: L.Trainer, step_at_batch_start: int) -> bool:
+def logs_after_batch(trainer: L.Trainer, batch_idx: int) -> bool:
     """Whether Lightning writes the logs after this training batch: the batch ended an optimizer step, and the step
     count is a multiple of `trainer.log_every_n_steps`, or training is stopping (`trainer.should_stop`, e.g. early
     stopping held back by `min_epochs`), or under `fast_dev_run` (Lightning's own rule).
@@ -81,7 +81,7 @@ def logs_after_batch(trainer: L.Trainer, step_at_batch_start: int) -> bool:
     synchronisation); anything else that must read the device (a non-finite check, the progress bar's losses) is
     cheapest there. Under gradient accumulation the batches that only accumulate never log.
     """
-    if trainer.global_step == step_at_batch_start:  # gradients still accumulating
+    if not ends_optimizer_step(trainer, batch_idx):  # gradients still accumulating
         return False
     if trainer.fast_dev_run:
         return True
@@ -106,12 +106,6 @@ class LoggedStepProgressBar(TQDMProgressBar):
         super().__init__(refresh_rate=refresh_rate)
         self.shown = shown or {"train/total_loss": "loss"}
         self._logged: dict[str, float] = {}
-        self._step_at_batch_start = 0
-
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self._step_at_batch_start = trainer.global_step
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -119,7 +113,7 @@ class LoggedStepProgressBar(TQDMProgressBar):
         bar, done = self.train_progress_bar, batch_idx + 1
         if bar is None or bar.disable:
             return
-        if logs_after_batch(trainer, self._step_at_batch_start):
+        if logs_after_batch(trainer, batch_idx):
             logged = trainer.logged_metrics
             self._logged = {label: float(logged[name]) for name, label in self.shown.items() if name in logged}
             bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)

@@ -88,7 +88,6 @@ class TBPSLitModule(L.LightningModule):
         # Device-side record of a non-finite training loss (see _flag_if_not_finite).
         self._non_finite: Tensor | None = None
         self._non_finite_step = self._non_finite_terms = None
-        self._step_at_batch_start = 0
         self._term_names: list[str] = []
         self._compiled = False  # setup() runs for fit and again for test: compile once
         self.eval_results: dict[str, dict[str, dict[str, float]]] = {}
@@ -276,11 +275,8 @@ class TBPSLitModule(L.LightningModule):
             "holds finite weights."
         )
 
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self._step_at_batch_start = self.global_step
-
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if logs_after_batch(self.trainer, self._step_at_batch_start):  # Lightning reads the device there anyway
+        if logs_after_batch(self.trainer, batch_idx):  # Lightning reads the device there anyway
             self.check_finite()
 
     def on_train_epoch_end(self) -> None:

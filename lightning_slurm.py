@@ -58,7 +58,6 @@ class SlurmRequeue(Callback):
         self.last = last
         self.signalled = False
         self._previous: Any = None
-        self._step_at_start = 0
         self._votes: deque[Callable[[], bool]] = deque()
 
     def _note(self, signum: int, frame: FrameType | None) -> None:
@@ -73,18 +72,16 @@ class SlurmRequeue(Callback):
             signal.signal(REQUEUE_SIGNAL, self._previous)
             self._previous = None
 
-    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
-        self._step_at_start = trainer.global_step
-
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if trainer.global_step == self._step_at_start:
+        batch_idx = args[-1]
+        if not ends_optimizer_step(trainer, batch_idx):
             return  # gradients still accumulating
         # Every process votes once per optimizer step and reads the votes in the same order: the same decision at the
         # same step everywhere.
         self._votes.append(_vote(trainer.strategy.root_device, self.signalled))
         if len(self._votes) <= self.VOTE_LAG or not self._votes.popleft()():
             return
-        if ends_epoch(trainer, args[-1]):
+        if ends_epoch(trainer, batch_idx):
             return  # the epoch's validation and checkpoints come next; the next epoch's start stops
         trainer.save_checkpoint(self.last)
         self._requeue_and_stop(trainer)
@@ -123,6 +120,13 @@ def _vote(device: torch.device, signalled: bool) -> Callable[[], bool]:
         return bool(host > 0)
 
     return read
+
+
+def ends_optimizer_step(trainer: L.Trainer, batch_idx: int) -> bool:
+    """Whether training batch `batch_idx` ends an optimizer step: every `accumulate_grad_batches` batches of an epoch,
+    and its last batch (Lightning's rule).
+    """
+    return (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or ends_epoch(trainer, batch_idx)
 
 
 def ends_epoch(trainer: L.Trainer, batch_idx: int) -> bool:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -140,17 +141,12 @@ def usable_device_bytes(device: torch.device) -> int:
 
 
 def needs_checkpointing(
-    backbone,
-    model: nn.Module,
-    shape: StepShape,
-    *,
-    optimizer: str,
-    device_bytes: int,
-    mixed_precision: bool = True,
-    compiled: bool = False,
+    backbone, model: nn.Module, shape: StepShape, *, device_bytes: int, **settings: Any
 ) -> tuple[bool, str]:
-    """Whether the step fits `device_bytes` only with gradient checkpointing, and the reason in one line."""
-    settings = dict(optimizer=optimizer, mixed_precision=mixed_precision, compiled=compiled)
+    """Whether the step fits `device_bytes` only with gradient checkpointing, and the reason in one line.
+
+    `settings` are `estimated_peak_bytes`' keywords other than `checkpointing` (optimizer, mixed_precision, compiled).
+    """
     without = estimated_peak_bytes(backbone, model, shape, checkpointing=False, **settings)
     usable = USABLE_FRACTION * device_bytes
     if without <= usable:

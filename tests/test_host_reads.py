@@ -137,23 +137,28 @@ def test_fast_dev_run_shows_the_loss_of_every_step(demo_root, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("steps", "log_every", "should_stop", "fast_dev_run", "expected"),
+    ("batch_and_step", "log_every", "should_stop", "fast_dev_run", "expected"),
     [
-        ((4, 4), 2, False, False, False),  # accumulating: no optimizer step, never logs
-        ((4, 5), 5, False, False, True),
-        ((5, 6), 5, False, False, False),
-        ((5, 6), 5, True, False, True),  # stopping (early stopping held back by min_epochs): every step logs
-        ((5, 6), 0, True, False, False),  # log_every_n_steps=0: never
-        ((5, 6), 0, False, True, True),  # fast_dev_run logs every step whatever log_every_n_steps says
+        ((0, 4), 2, False, False, False),  # accumulating (batch 1 of 2): no optimizer step, never logs
+        ((1, 5), 5, False, False, True),
+        ((1, 6), 5, False, False, False),
+        ((1, 6), 5, True, False, True),  # stopping (early stopping held back by min_epochs): every step logs
+        ((1, 6), 0, True, False, False),  # log_every_n_steps=0: never
+        ((1, 6), 0, False, True, True),  # fast_dev_run logs every step whatever log_every_n_steps says
     ],
 )
-def test_logs_after_batch_follows_lightnings_rule(steps, log_every, should_stop, fast_dev_run, expected):
+def test_logs_after_batch_follows_lightnings_rule(batch_and_step, log_every, should_stop, fast_dev_run, expected):
     from types import SimpleNamespace
 
     from lightning_callbacks import logs_after_batch
 
-    before, after = steps
+    batch_idx, step = batch_and_step  # two batches per optimizer step, ten per epoch
     trainer = SimpleNamespace(
-        global_step=after, log_every_n_steps=log_every, should_stop=should_stop, fast_dev_run=fast_dev_run
+        global_step=step,
+        accumulate_grad_batches=2,
+        num_training_batches=10,
+        log_every_n_steps=log_every,
+        should_stop=should_stop,
+        fast_dev_run=fast_dev_run,
     )
-    assert logs_after_batch(trainer, before) is expected
+    assert logs_after_batch(trainer, batch_idx) is expected
