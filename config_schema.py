@@ -185,6 +185,12 @@ class TBPSConfig:
             issues += self.lora.problems()
         issues += self.optimizer.problems() + self.scheduler.problems()
         issues += self.trainer.problems() + self.logger.problems()
+        warmup, epochs = self.scheduler.warmup_epochs, self.trainer.max_epochs
+        if warmup is not None and epochs is not None and 0 < epochs <= warmup:
+            issues.append(
+                f"scheduler.warmup_epochs={warmup} is not shorter than trainer.max_epochs={epochs}: lower it, or train "
+                "for more epochs."
+            )
         if self.ckpt_path:
             issues += checkpoint_problems(Path(self.ckpt_path))
         return issues

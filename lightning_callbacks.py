@@ -90,12 +90,12 @@ def logs_after_batch(trainer: L.Trainer, batch_idx: int) -> bool:
 
 
 class LoggedStepProgressBar(TQDMProgressBar):
-    """Lightning's progress bar, except that the training losses it shows are read only after batches that log.
+    """Lightning's progress bar, showing the training losses the module has written to its loggers.
 
-    Lightning's own bar reads them after every batch: each read waits for the GPU to finish the batch, so the host
-    could never queue the next batch while the GPU computes. The batch count still moves every `refresh_rate` batches;
-    the losses shown are those of the last logged step (every batch's with `trainer.log_every_n_steps=1` and no
-    gradient accumulation).
+    Lightning's own bar reads progress-bar metrics from the GPU after every batch: each read waits for the GPU to
+    finish the batch, so the host could never queue the next batch meanwhile. This bar shows the floats of the last
+    logged step the module has read (`logged_training_metrics`, a few logged steps behind the batch count; see
+    `lightning_models.LOG_LAG`), which cost no read.
     """
 
     def __init__(self, refresh_rate: int = 1, shown: dict[str, str] | None = None) -> None:
@@ -105,7 +105,6 @@ class LoggedStepProgressBar(TQDMProgressBar):
         """
         super().__init__(refresh_rate=refresh_rate)
         self.shown = shown or {"train/total_loss": "loss"}
-        self._logged: dict[str, float] = {}
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -113,16 +112,36 @@ class LoggedStepProgressBar(TQDMProgressBar):
         bar, done = self.train_progress_bar, batch_idx + 1
         if bar is None or bar.disable:
             return
-        if logs_after_batch(trainer, batch_idx):
-            logged = trainer.logged_metrics
-            self._logged = {label: float(logged[name]) for name, label in self.shown.items() if name in logged}
-            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
         if done % self.refresh_rate == 0 or done == bar.total:
             bar.n = done
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
             bar.refresh()
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The last steps' losses are written at the epoch's end, after this bar's own epoch-end update.
+        if self.train_progress_bar is not None and not self.train_progress_bar.disable:
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=True)
+        super().on_train_end(trainer, pl_module)
+
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        return {**super().get_metrics(trainer, pl_module), **self._logged}
+        logged = getattr(pl_module, "logged_training_metrics", {})
+        shown = {label: logged[name] for name, label in self.shown.items() if name in logged}
+        return {**super().get_metrics(trainer, pl_module), **shown}
+
+
+class WritePendingLogs(Callback):
+    """When training stops on an exception, still write the training logs the module holds back (`write_training_logs`:
+    the last logged steps before a crash).
+    """
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        write = getattr(pl_module, "write_training_logs", None)
+        if write is None:
+            return
+        try:
+            write(everything=True)
+        except Exception as error:  # the GPU failed, or the held-back values are themselves non-finite
+            log.warning("The training logs of the last logged steps were not written: %s", error)
 
 
 def trainer_plugins() -> list[Any]:
@@ -254,7 +273,8 @@ def training_callbacks(cfg: DictConfig, checkpoint_dir: Path) -> tuple[ModelChec
         enable_version_counter=False,
         save_on_train_epoch_end=True,  # also in epochs without validation (check_val_every_n_epoch > 1)
     )
-    callbacks = [best, latest, ResumeHint(latest), LearningRateMonitor(logging_interval="step"), QueryLimit()]
+    callbacks = [best, latest, ResumeHint(latest), WritePendingLogs(), LearningRateMonitor(logging_interval="step")]
+    callbacks.append(QueryLimit())
     if cfg.trainer.get("enable_progress_bar") is not False:
         callbacks.append(LoggedStepProgressBar())
     if settings.every_n_train_steps:

@@ -26,6 +26,7 @@ from data.transforms import build_eval_transform, build_simclr_transform, build_
 from model.objective import Objective
 from model.strategies import LossSettings
 from utils.config import ConfigError
+from utils.errors import InputError
 from utils.metrics import RANKS
 
 log = logging.getLogger(__name__)
@@ -110,10 +111,9 @@ class TBPSDataModule(L.LightningDataModule):
         )
         if evaluate_only:  # only the test images are read: nothing else needs to exist or be decoded
             splits = dataclasses.replace(splits, train=[], val=None)
-        if data.proportion and not evaluate_only:
-            splits = identity_fold(splits, data.proportion, data.fold_id, seed)
         # Selecting on test (the peers' protocol) uses no validation split: every training identity trains.
         selects_on_test = self.cfg.model_selection == "test"
+        hold_out = False
         if splits.val is None and not evaluate_only and not selects_on_test:
             if not data.val_identities:
                 raise ConfigError(
@@ -124,8 +124,14 @@ class TBPSDataModule(L.LightningDataModule):
                     ]
                 )
             splits = hold_out_identities(splits, data.val_identities, seed)
+            hold_out = True
+        # After the hold-out: a fold is the asked share of the people that train, and every fold selects its epochs on
+        # the same validation people.
+        if data.proportion and not evaluate_only:
+            splits = identity_fold(splits, data.proportion, data.fold_id, seed)
         # After the fold and hold-out: only images that will be read are checked.
         splits, _ = check_images(splits, data.bad_images)
+        _check_ranking_sizes(splits, "val_identities" if hold_out else None)
         self.splits = splits
 
     @property
@@ -279,6 +285,30 @@ def _own_generator(seed: int) -> torch.Generator:
     checkpoints restore: a resumed run then continues that stream exactly as the uninterrupted run did.
     """
     return torch.Generator().manual_seed(seed)
+
+
+def _check_ranking_sizes(splits: DatasetSplits, hold_out_key: str | None) -> None:
+    """Refuse, before training, an evaluation split too small for R@10: text-to-image ranks its images, image-to-text
+    its captions, and R@k needs at least k of them (the metrics would stop at the first evaluation).
+    """
+    need = max(RANKS)
+    for name, split in (("validation", splits.val), ("test", splits.test)):
+        if split is None:
+            continue
+        sizes = {"images": len(split.image_paths), "captions": len(split.captions)}
+        small = {kind: count for kind, count in sizes.items() if count < need}
+        if not small:
+            continue
+        shown = " and ".join(f"{count} {kind}" for kind, count in small.items())
+        fix = (
+            f"hold out more people (dataset.{hold_out_key})"
+            if name == "validation" and hold_out_key
+            else f"give the {name} split of the annotation file more people"
+        )
+        raise InputError(
+            f"the {name} split of {splits.name} under {splits.root} has {shown}: R@{need} ranks {need} of each, so "
+            f"it needs at least {need}; {fix}."
+        )
 
 
 def build_datamodule(cfg: DictConfig, stage: str | None = None) -> TBPSDataModule:

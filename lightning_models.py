@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,15 @@ from model.strategies import LossSettings, StepContext
 from solver.build import build_optimizer
 from solver.lr_scheduler import build_scheduler
 from utils.analysis import save_failure_gallery, save_similarity_histogram
-from utils.distributed import all_gather_objects, all_gather_with_grad, gather_strided_shards, rank, world_size
+from utils.deferred import DeferredScalars
+from utils.distributed import (
+    all_gather_objects,
+    all_gather_with_grad,
+    any_rank_flag,
+    gather_strided_shards,
+    rank,
+    world_size,
+)
 from utils.metrics import rank_metrics
 from utils.rng import restore_rng_states, rng_states
 from utils.tables import results_table
@@ -33,6 +42,11 @@ from utils.tables import results_table
 log = logging.getLogger(__name__)
 
 GALLERY, QUERIES = 0, 1  # dataloader indices of an evaluation split
+#: Logged training steps whose values are still on their way from the GPU when a step is logged (`DeferredScalars`):
+#: the host may queue this many steps ahead of the last values it has read.
+LOG_LAG = 2
+#: The entry of a logged step's values that says whether any rank's loss was non-finite up to that step.
+_NON_FINITE = "non_finite"
 
 
 def pair_statistics(feats: TrainFeatures) -> dict[str, Tensor]:
@@ -89,6 +103,11 @@ class TBPSLitModule(L.LightningModule):
         self._non_finite: Tensor | None = None
         self._non_finite_step = self._non_finite_terms = None
         self._term_names: list[str] = []
+        #: This step's training metrics on the device (training_step), queued for the loggers when the batch logs.
+        self._step_logs: dict[str, Tensor] = {}
+        self._pending_logs = DeferredScalars(LOG_LAG)
+        #: The training metrics of the last logged step written to the loggers (what the progress bar shows).
+        self.logged_training_metrics: dict[str, float] = {}
         self._compiled = False  # setup() runs for fit and again for test: compile once
         self.eval_results: dict[str, dict[str, dict[str, float]]] = {}
         #: Printed after "Val results" / "Test results" (which split and which weights the table is about).
@@ -174,6 +193,8 @@ class TBPSLitModule(L.LightningModule):
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The logs of every step the checkpoint holds are written before it: a run resumed from it logs the rest.
+        self.write_training_logs(everything=True)
         self.check_finite()  # never write weights a non-finite step may have reached
         # Lightning restores weights, optimizer, scheduler and loop counters but not the random generators, which
         # drive shuffling and augmentation: without them a resumed run would diverge from an uninterrupted one.
@@ -209,18 +230,19 @@ class TBPSLitModule(L.LightningModule):
         terms = objective(feats, context)
         total = torch.stack(list(terms.values())).sum()
         self._flag_if_not_finite(total, terms)
-        batch_size = feats.pids.shape[0]
-        # Not prog_bar=True: Lightning reads progress-bar values from the device after every batch (a host
-        # synchronisation per step); LoggedStepProgressBar shows the loss of the logged steps instead.
-        self.log("train/total_loss", total, batch_size=batch_size)
-        self.log_dict({f"train/{name}": value for name, value in terms.items()}, batch_size=batch_size)
         stats = {"logit_scale": feats.logit_scale, "logit_bias": feats.logit_bias, **pair_statistics(feats)}
         if objective.settings.circle_term:
             # Filled on the device: a CPU tensor (or a float) would be copied from pageable memory, which waits for
             # the GPU to finish the step (a host synchronisation per step).
             weight = self.objective.settings.circle_weight(context.epoch)
             stats["circle_weight"] = torch.full((), weight, device=total.device)
-        self.log_dict({f"train/{name}": value.detach() for name, value in stats.items()}, batch_size=batch_size)
+        # Not self.log: Lightning converts logged values to floats when it writes them, a host synchronisation at
+        # every logged step (every step in the recipes); on_train_batch_end queues them for a later, free read.
+        self._step_logs = {
+            "train/total_loss": total.detach(),
+            **{f"train/{name}": value.detach() for name, value in terms.items()},
+            **{f"train/{name}": value.detach() for name, value in stats.items()},
+        }
         return total
 
     def fractional_epoch(self, batch_idx: int) -> float:
@@ -236,8 +258,9 @@ class TBPSLitModule(L.LightningModule):
     def _flag_if_not_finite(self, total: Tensor, terms: dict[str, Tensor]) -> None:
         """Record on the device whether this step's loss is NaN/inf, and the first such step's losses.
 
-        No host synchronisation here (it would stall the GPU on every step): `check_finite` reads the flag at the
-        next point that synchronises anyway (logging every `trainer.log_every_n_steps`, a checkpoint, an epoch end).
+        No host synchronisation here (it would stall the GPU on every step): the flag travels with the logged values
+        (`write_training_logs` reads it `LOG_LAG` logged steps later), and `check_finite` reads it before a checkpoint
+        is written and at an epoch end.
         """
         bad = ~torch.isfinite(total.detach())
         if self._non_finite is None:
@@ -276,15 +299,46 @@ class TBPSLitModule(L.LightningModule):
         )
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if logs_after_batch(self.trainer, batch_idx):  # Lightning reads the device there anyway
-            self.check_finite()
+        if logs_after_batch(self.trainer, batch_idx):
+            # Lightning's label for the logs written after this batch: optimizer steps before this one.
+            key = (self.global_step - 1, self.current_epoch)
+            flag = self._non_finite if self._non_finite is not None else torch.zeros((), device=self.device)
+            self._pending_logs.put(key, {**self._step_logs, _NON_FINITE: any_rank_flag(flag)})
+            self.write_training_logs()
 
     def on_train_epoch_end(self) -> None:
+        self.write_training_logs(everything=True)
         self.check_finite()
+
+    def on_validation_start(self) -> None:
+        # Validation inside training comes before the epoch's end: it would rank the features of non-finite weights.
+        self.write_training_logs(everything=True)
+        self.check_finite()
+
+    def write_training_logs(self, *, everything: bool = False) -> None:
+        """Write the queued training metrics that are `LOG_LAG` logged steps old (all of them with `everything`)
+        to the loggers, under the step they were computed at; stop there if a loss up to that step was non-finite.
+
+        Every rank releases the same entries at the same batch (`DeferredScalars`) with the same all-reduced flag, so
+        all of them stop together.
+        """
+        for (step, epoch), values in self._pending_logs.take(everything=everything):
+            non_finite = values.pop(_NON_FINITE)
+            for logger in self.loggers:
+                logger.log_metrics({**values, "epoch": epoch}, step=step)
+            self.logged_training_metrics = values
+            if non_finite:
+                self._pending_logs.clear()
+                self.check_finite()
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = build_optimizer(self.cfg.optimizer, self.model)
-        scheduler = build_scheduler(optimizer, self.cfg.scheduler, int(self.trainer.estimated_stepping_batches))
+        trainer = self.trainer
+        total = int(trainer.estimated_stepping_batches)  # loads the training batches: num_training_batches is known
+        # Lightning steps at the end of every accumulate_grad_batches batches and at an epoch's last batch.
+        batches = trainer.num_training_batches
+        per_epoch = math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else None
+        scheduler = build_scheduler(optimizer, self.cfg.scheduler, total, steps_per_epoch=per_epoch)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---------------------------------------------------------------- evaluation

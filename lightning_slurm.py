@@ -8,8 +8,6 @@ import logging
 import os
 import signal
 import subprocess
-from collections import deque
-from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -19,7 +17,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from utils.distributed import world_size
+from utils.deferred import DeferredScalars
+from utils.distributed import any_rank_flag
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +57,7 @@ class SlurmRequeue(Callback):
         self.last = last
         self.signalled = False
         self._previous: Any = None
-        self._votes: deque[Callable[[], bool]] = deque()
+        self._votes = DeferredScalars(self.VOTE_LAG)
 
     def _note(self, signum: int, frame: FrameType | None) -> None:
         self.signalled = True
@@ -78,8 +77,11 @@ class SlurmRequeue(Callback):
             return  # gradients still accumulating
         # Every process votes once per optimizer step and reads the votes in the same order: the same decision at the
         # same step everywhere.
-        self._votes.append(_vote(trainer.strategy.root_device, self.signalled))
-        if len(self._votes) <= self.VOTE_LAG or not self._votes.popleft()():
+        # torch's all-reduce (any_rank_flag) rather than Lightning's `strategy.reduce`, which puts a barrier first (a
+        # host synchronisation); filled on the device, so no copy from pageable memory waits for the step either.
+        signalled = torch.full((), float(self.signalled), device=trainer.strategy.root_device)
+        self._votes.put(trainer.global_step, {"signalled": any_rank_flag(signalled)})
+        if not any(vote["signalled"] for _, vote in self._votes.take()):
             return
         if ends_epoch(trainer, batch_idx):
             return  # the epoch's validation and checkpoints come next; the next epoch's start stops
@@ -96,30 +98,6 @@ class SlurmRequeue(Callback):
         if trainer.is_global_zero:
             _requeue(slurm_job_id(), self.last)
         raise SIGTERMException()
-
-
-def _vote(device: torch.device, signalled: bool) -> Callable[[], bool]:
-    """All-reduce whether any process was signalled; returns the read of the result, to call later.
-
-    torch's all-reduce rather than Lightning's `strategy.reduce`, which puts a barrier first (a host synchronisation).
-    On a GPU the sum is copied to pinned host memory behind the step's kernels: reading it waits for that copy only,
-    not for the steps queued since.
-    """
-    total = torch.full((), float(signalled), device=device)  # filled on the device: no copy from pageable memory
-    if world_size() > 1:
-        torch.distributed.all_reduce(total)
-    if device.type != "cuda":
-        return lambda: bool(total > 0)
-    host = torch.empty((), pin_memory=True)
-    host.copy_(total, non_blocking=True)
-    copied = torch.cuda.Event()
-    copied.record()
-
-    def read() -> bool:
-        copied.synchronize()
-        return bool(host > 0)
-
-    return read
 
 
 def ends_optimizer_step(trainer: L.Trainer, batch_idx: int) -> bool:

@@ -63,7 +63,8 @@ from bench.train_setup import (
 from bench.train_throughput_report import Report, compare_with_eager_twin, fmt, peak_tflops
 from config_schema import register_schema
 from lightning_callbacks import LoggedStepProgressBar
-from lightning_models import TBPSLitModule
+from lightning_models import LOG_LAG, TBPSLitModule
+from utils.deferred import DeferredScalars
 
 GIB = 2**30
 
@@ -185,19 +186,23 @@ def run_lightning(cfg, variant: Variant, pool: BatchPool, warmup: int, log_dir: 
 
 def run_bare(cfg, variant: Variant, pool: BatchPool, warmup: int) -> dict:
     """The same model, objective and optimizer with the same levers, trained by a plain loop that reads the loss when
-    the Lightning run logs (every `trainer.log_every_n_steps` steps), or after every step for `before`.
+    the Lightning run logs (every `trainer.log_every_n_steps` steps, `LOG_LAG` logged steps late as the module does),
+    or at once after every step for `before`.
     """
     model, objective, optimizer, autocast = bare_setup(cfg)
     log_every = cfg.trainer.log_every_n_steps
     log_every = 50 if log_every is None else log_every  # Lightning's default when the config leaves it unset
+    logged = DeferredScalars(LOG_LAG)
     start = None
     for step in range(len(pool)):
         if step == warmup:
             sync()
             _reset_peak()
             start = time.perf_counter()
-        logs = log_every > 0 and (step + 1) % log_every == 0
-        bare_step(model, objective, optimizer, autocast, pool[step], read_loss=variant.sync_every_step or logs)
+        loss = bare_step(model, objective, optimizer, autocast, pool[step], read_loss=variant.sync_every_step)
+        if log_every > 0 and (step + 1) % log_every == 0:
+            logged.put(step, {"loss": loss})
+            logged.take()
     sync()
     elapsed = time.perf_counter() - start
     result = {"samples_per_s": (len(pool) - warmup) * variant.batch / elapsed, "peak_gib": _peak_gib()}

@@ -42,9 +42,10 @@ class IdentitySampler(torch.utils.data.Sampler[int]):
 
     Each epoch, every identity's samples are shuffled (interleaving its images, so a chunk holds as many distinct
     images as the identity has) and cut into chunks of K. Batches are then dealt from the chunks so that the P chunks
-    of a batch belong to P distinct identities. The number of full batches B is the largest with
-    ``sum_i min(chunks_i, B) >= P * B``; it depends only on the chunk counts, so ``len()`` is exact and the same every
-    epoch.
+    of a batch belong to P distinct identities drawn at random (`_deal`): which people meet in a batch changes from
+    batch to batch, so each identity sees many different negatives in an epoch. The number of full batches B is the
+    largest with ``sum_i min(chunks_i, B) >= P * B``; it depends only on the chunk counts, so ``len()`` is exact and
+    the same every epoch.
 
     What happens to the samples that do not fill a chunk is ``coverage``:
 
@@ -144,16 +145,19 @@ class IdentitySampler(torch.utils.data.Sampler[int]):
         """The epoch's global batches (W * batch_size indices each, in yield order) and its coverage counts."""
         rng = np.random.default_rng([self.seed, epoch])
         cap = self.balanced_batches
-        chunks, spare = [], []
+        chunks, spare = [], []  # chunks: per identity (in a shuffled order), at most B each, P * B in all
+        room = cap * self.ids_per_batch
         for group in rng.permutation(len(self._groups)):
             own_chunks, own_spare = self._identity_chunks(self._groups[group], rng)
-            chunks += own_chunks[:cap]
-            spare += [index for chunk in own_chunks[cap:] for index in chunk] + own_spare
-        placed = cap * self.ids_per_batch
-        spare += [index for chunk in chunks[placed:] for index in chunk]
-        # Dealing chunk k to batch k % B puts an identity's (at most B, consecutive) chunks in distinct batches.
-        balanced = [list(chain.from_iterable(chunks[b:placed:cap])) for b in range(cap)]
-        batches = [balanced[b] for b in rng.permutation(cap)]
+            kept = own_chunks[: min(cap, room)]
+            room -= len(kept)
+            if kept:
+                chunks.append(kept)
+            spare += [index for chunk in own_chunks[len(kept) :] for index in chunk] + own_spare
+        batches = [
+            list(chain.from_iterable(chunks[identity].pop() for identity in batch))
+            for batch in _deal([len(own) for own in chunks], self.ids_per_batch, rng)
+        ]
         if self.coverage == "all" and spare:
             size = self.global_batch_size
             shortfall = -len(spare) % size
@@ -181,6 +185,30 @@ class IdentitySampler(torch.utils.data.Sampler[int]):
         cut = len(order) - len(order) % k
         chunks = [order[start : start + k] for start in range(0, cut, k)]
         return chunks, (order[cut:] if self.coverage == "all" else [])
+
+
+def _deal(chunk_counts: Sequence[int], ids_per_batch: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Which identities fill each of the B = sum(counts) / P batches: P distinct ones per batch, every identity in
+    exactly as many batches as it has chunks (each count <= B), and otherwise at random.
+
+    Batch by batch, an identity whose chunks left equal the batches left must be drawn (it could not fit later);
+    the rest of the batch is drawn without replacement with probability proportional to the chunks left, so every
+    chunk is about equally likely to land in any batch and identities meet at random, as in the re-ID convention of
+    drawing P identities per batch. At most P identities are ever forced (their chunks would otherwise exceed P per
+    batch) and at least P have chunks left, so every batch fills. The order within a batch is shuffled too: under
+    data parallelism rank r trains the r-th slice.
+    """
+    left = np.asarray(chunk_counts, dtype=np.int64)
+    batches = []
+    for batches_left in range(int(left.sum()) // ids_per_batch, 0, -1):
+        forced = np.flatnonzero(left == batches_left)
+        free = np.flatnonzero((left > 0) & (left < batches_left))
+        weights = left[free] / left[free].sum() if len(free) else None
+        drawn = rng.choice(free, size=ids_per_batch - len(forced), replace=False, p=weights)
+        batch = rng.permutation(np.concatenate([forced, drawn]))
+        left[batch] -= 1
+        batches.append(batch)
+    return batches
 
 
 def _max_batches(chunk_counts: Sequence[int], ids_per_batch: int) -> int:

@@ -22,8 +22,9 @@ def _remap(samples: list[TrainSample]) -> list[TrainSample]:
 def identity_fold(splits: DatasetSplits, proportion: float, fold_id: int, seed: int) -> DatasetSplits:
     """Keep fold `fold_id` of the training identities cut into `int(1 / proportion)` folds.
 
-    A person belongs to exactly one fold (docs/seed_differences.md). Identities are shuffled with `Random(seed)`; each
-    fold holds `int(N * proportion)` of them.
+    Identities are shuffled with `Random(seed)`; fold k holds those from `round(k * N * proportion)` to
+    `round((k + 1) * N * proportion)`: N * proportion people (rounded), no person in two folds, and every person in
+    one when 1 / proportion is a whole number (0.1: ten folds cover all N).
     """
     num_folds = int(1 / proportion)
     if not 0 < proportion < 1 or not 0 <= fold_id < num_folds:
@@ -33,10 +34,10 @@ def identity_fold(splits: DatasetSplits, proportion: float, fold_id: int, seed: 
         )
     identities = sorted({s.pid for s in splits.train})
     random.Random(seed).shuffle(identities)
-    size = int(len(identities) * proportion)
-    if size == 0:
+    start, stop = (round(k * len(identities) * proportion) for k in (fold_id, fold_id + 1))
+    if start == stop:
         raise InputError(f"dataset.proportion={proportion} leaves no identity of {len(identities)} in a fold.")
-    kept = set(identities[fold_id * size : (fold_id + 1) * size])
+    kept = set(identities[start:stop])
     train = _remap([s for s in splits.train if s.pid in kept])
     log.info(
         "Fold %d of %d: %d of %d training identities, %d captions.",

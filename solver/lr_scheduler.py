@@ -15,6 +15,8 @@ from typing import Any
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from utils.config import ConfigError
+
 # progress in [0, 1] after warmup, base lr, end lr, mode options -> lr
 Decay = Callable[[float, float, float, Mapping[str, Any]], float]
 
@@ -91,6 +93,8 @@ class SchedulerSettings:
 
     mode: str = "cosine"  # a key of DECAYS
     warmup_fraction: float = 0.0  # of the optimizer steps
+    # Or a fixed number of epochs of optimizer steps, whatever trainer.max_epochs is (IRRA's 5); null: warmup_fraction.
+    warmup_epochs: float | None = None
     seed_decay: bool = False  # true: linear and exp decay as lr * (1 - progress) towards 0 (the original project's)
     power: float = 0.9  # poly
     gamma: float = 0.1  # step: the factor at each milestone
@@ -100,15 +104,27 @@ class SchedulerSettings:
         issues = [] if self.mode in DECAYS else [f"scheduler.mode={self.mode!r} is unknown; valid: {sorted(DECAYS)}."]
         if not 0 <= self.warmup_fraction < 1:
             issues.append(f"scheduler.warmup_fraction must be in [0, 1), got {self.warmup_fraction}.")
+        if self.warmup_epochs is not None and self.warmup_epochs < 0:
+            issues.append(f"scheduler.warmup_epochs must be >= 0, got {self.warmup_epochs}.")
+        if self.warmup_epochs is not None and self.warmup_fraction:
+            issues.append(
+                f"scheduler.warmup_epochs={self.warmup_epochs} and scheduler.warmup_fraction={self.warmup_fraction} "
+                "both set the warmup: set one, and the other to null (epochs) or 0 (fraction)."
+            )
         return issues
 
 
-def build_scheduler(optimizer: Optimizer, scheduler_cfg: Mapping[str, Any], total_steps: int) -> LambdaLR:
-    """LambdaLR applying `lr_at` to every param group (group `lr` is the peak, `start_lr`/`end_lr` its ends)."""
+def build_scheduler(
+    optimizer: Optimizer, scheduler_cfg: Mapping[str, Any], total_steps: int, steps_per_epoch: float | None = None
+) -> LambdaLR:
+    """LambdaLR applying `lr_at` to every param group (group `lr` is the peak, `start_lr`/`end_lr` its ends).
+
+    `steps_per_epoch` (optimizer steps) is needed when the warmup is given in epochs (`warmup_epochs`).
+    """
     settings = {**dataclasses.asdict(SchedulerSettings()), **scheduler_cfg}  # a partial mapping takes the defaults
-    warmup_steps = int(settings["warmup_fraction"] * total_steps)
+    warmup_steps = warmup_steps_of(settings, total_steps, steps_per_epoch)
     mode = settings["mode"]
-    options = {k: v for k, v in settings.items() if k not in ("mode", "warmup_fraction")}
+    options = {k: v for k, v in settings.items() if k not in ("mode", "warmup_fraction", "warmup_epochs")}
 
     def factor_for(group: Mapping[str, Any]) -> Callable[[int], float]:
         base = group["lr"]
@@ -128,3 +144,21 @@ def build_scheduler(optimizer: Optimizer, scheduler_cfg: Mapping[str, Any], tota
         )
 
     return LambdaLR(optimizer, [factor_for(group) for group in optimizer.param_groups])
+
+
+def warmup_steps_of(settings: Mapping[str, Any], total_steps: int, steps_per_epoch: float | None) -> int:
+    """Optimizer steps of the warmup: `warmup_epochs` epochs, else `warmup_fraction` of the run, rounded down."""
+    epochs = settings.get("warmup_epochs")
+    if epochs is None:
+        return int(settings["warmup_fraction"] * total_steps)
+    if steps_per_epoch is None:
+        raise ValueError("scheduler.warmup_epochs needs the number of optimizer steps per epoch")
+    steps = int(epochs * steps_per_epoch)
+    if steps >= total_steps > 0:
+        raise ConfigError(
+            [
+                f"scheduler.warmup_epochs={epochs} ({steps} optimizer steps) is not shorter than the whole run "
+                f"({total_steps} steps): lower it, or train for more epochs (trainer.max_epochs)."
+            ]
+        )
+    return steps

@@ -272,9 +272,11 @@ def test_evaluation_split_smaller_than_the_world_is_refused(demo_root):
 
 def test_random_states_are_saved_per_rank_and_old_checkpoints_still_restore():
     from lightning_models import TBPSLitModule
+    from utils.deferred import DeferredScalars
     from utils.rng import rng_states
 
-    module = TBPSLitModule.__new__(TBPSLitModule)  # the hooks use no module state
+    module = TBPSLitModule.__new__(TBPSLitModule)  # the hooks read no weights: a bare module with no logs held back
+    module._pending_logs = DeferredScalars()
     checkpoint = {}
     torch.manual_seed(3)
     module.on_save_checkpoint(checkpoint)

@@ -1,17 +1,25 @@
-"""A training run reads values back from the device only after batches that Lightning logs (and at epoch ends).
+"""A training run reads values back from the device only after batches that Lightning logs (and at epoch ends), and
+writes the same log rows as Lightning's own `self.log` would.
 
 On a GPU every such read (`.item()`, `float()`, `bool()`, `.tolist()`) waits for all queued kernels: one per batch
 keeps the host from queueing the next batch while the GPU computes. The expected batches come from the definition of
 Lightning's cadence, not from the code: an optimizer step ends every `accumulate_grad_batches` batches and at an
-epoch's last batch, and the logs are written when the step count is a multiple of `log_every_n_steps`.
+epoch's last batch, and the logs are written when the step count is a multiple of `log_every_n_steps`. The expected
+rows (which step label and epoch carry which batch's values) come from Lightning itself, logging on the same cadence.
 """
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
+
+import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
 
+from lightning_models import TBPSLitModule
 from tests.conftest import compose_config, demo_overrides
 from trainer import train
 
@@ -53,8 +61,55 @@ def _logging_batches(epochs: int, batches: int, accumulate: int, log_every: int)
     return logged
 
 
+class _LightningsOwnLog(L.LightningModule):
+    """Logs with Lightning's own `self.log` which batch each row comes from (the reference for the rows' labels)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch, batch_idx):
+        self.log("batch", float(batch_idx))
+        return (self.weight * batch).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _csv_rows(folder: Path, column: str) -> list[dict[str, str]]:
+    rows = []
+    for path in sorted(folder.rglob("metrics.csv")):
+        with path.open(newline="") as file:
+            rows += [row for row in csv.DictReader(file) if row.get(column)]
+    return rows
+
+
+def _lightnings_rows(folder: Path, epochs: int, batches: int, accumulate: int, log_every: int) -> dict[int, tuple]:
+    """Step label -> (epoch, batch index) of the rows Lightning's `self.log` writes on this cadence."""
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accumulate_grad_batches=accumulate,
+        log_every_n_steps=log_every,
+        logger=CSVLogger(folder),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(_LightningsOwnLog(), torch.utils.data.DataLoader(torch.ones(batches, 1), batch_size=1))
+    return {int(row["step"]): (int(row["epoch"]), int(float(row["batch"]))) for row in _csv_rows(folder, "batch")}
+
+
 def test_training_reads_the_device_only_after_logged_batches_and_at_epoch_ends(demo_root, tmp_path, monkeypatch):
     recorder = _ReadsPerBatch()
+    losses = {}  # (epoch, batch index) -> the total loss training_step returned
+    step = TBPSLitModule.training_step
+
+    def recorded(module, batch, batch_idx):
+        loss = step(module, batch, batch_idx)
+        losses[module.current_epoch, batch_idx] = loss.detach().clone()
+        return loss
+
+    monkeypatch.setattr(TBPSLitModule, "training_step", recorded)
     for name in READS:
         original = getattr(torch.Tensor, name)
 
@@ -73,7 +128,8 @@ def test_training_reads_the_device_only_after_logged_batches_and_at_epoch_ends(d
         "optimizer.fused=true",  # the CUDA default; the loop AdamW reads its CPU step counters
         "dataset.num_workers=1",  # augmentation reads CPU tensors: in a worker, not counted here
     )
-    train(compose_config("demo", demo_overrides(demo_root, *overrides)), tmp_path, callbacks=[recorder])
+    train(compose_config("demo", demo_overrides(demo_root, *overrides)), tmp_path / "run", callbacks=[recorder])
+    monkeypatch.undo()
 
     batches = recorder.batches_per_epoch
     assert batches >= 6  # several optimizer steps per epoch, not all of them logged
@@ -83,6 +139,16 @@ def test_training_reads_the_device_only_after_logged_batches_and_at_epoch_ends(d
     assert read_in <= logged, f"reads after batches that do not log: {sorted(read_in - logged)}"
     assert read_in, "the logged batches read the losses (the logger, the non-finite check)"
     assert isinstance(recorder.shown["loss"], float)  # the bar still shows the loss, that of the last logged step
+
+    # The rows: one per step Lightning's self.log writes, with its step label and epoch, holding that step's loss.
+    expected = _lightnings_rows(tmp_path / "lightning", epochs, batches, accumulate, log_every)
+    assert {batch for batch in expected.values()} == logged
+    rows = _csv_rows(tmp_path / "run", "train/total_loss")
+    assert sorted(int(row["step"]) for row in rows) == sorted(expected)
+    for row in rows:
+        epoch, batch_idx = expected[int(row["step"])]
+        assert int(row["epoch"]) == epoch
+        assert float(row["train/total_loss"]) == pytest.approx(float(losses[epoch, batch_idx]), rel=1e-6)
 
 
 class _CountReads:

@@ -38,6 +38,15 @@ def test_identity_folds_partition_people_not_captions():
     assert set().union(*images) == {s.image_path for s in _splits().train}
 
 
+def test_ten_folds_of_a_tenth_cover_every_person_once_when_the_count_does_not_divide():
+    # 23 people in ten folds: sizes 2 or 3, no one left out (int(23 * 0.1) = 2 per fold would drop 3 people).
+    people = [
+        {s.image_path.stem.split("_")[0] for s in identity_fold(_splits(23), 0.1, k, seed=1).train} for k in range(10)
+    ]
+    assert sorted(len(fold) for fold in people) == [2] * 7 + [3] * 3
+    assert len(set().union(*people)) == 23 and sum(map(len, people)) == 23
+
+
 @pytest.mark.parametrize("proportion, fold", [(0.25, 4), (1.5, 0), (0.0, 0)])
 def test_identity_fold_rejects_bad_arguments(proportion, fold):
     with pytest.raises((ValueError, ZeroDivisionError)):

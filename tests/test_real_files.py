@@ -112,6 +112,41 @@ def test_evaluation_needs_only_the_test_images(tmp_path, demo_root):
         assert datamodule.splits.test.image_pids == [4, 4] and not datamodule.splits.train
 
 
+def _vn3k_without_validation(demo_root, root) -> set[int]:
+    """A VN3K copy without validation records (as the real file is); returns its training person ids."""
+    records = json.loads((demo_root / "VN3K" / "data_captions.json").read_text(encoding="utf-8"))
+    records = [r for r in records if r["split"] in ("train", "test")]
+    (root / "VN3K").mkdir()
+    (root / "VN3K" / "data_captions.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    (root / "VN3K" / "imgs").symlink_to(demo_root / "VN3K" / "imgs")
+    (root / "tiny_siglip").symlink_to(demo_root / "tiny_siglip")
+    return {r["id"] for r in records if r["split"] == "train"}
+
+
+def test_a_fold_is_its_share_of_the_people_left_after_the_validation_hold_out(demo_root, tmp_path):
+    """ICFG-PEDES and VN3K hold validation people out of training: the fold is then `proportion` of the people who
+    train (3,102 - 200 for ICFG), and every fold selects its epochs on the same validation people.
+    """
+    from lightning_data import build_datamodule
+
+    all_train_ids = _vn3k_without_validation(demo_root, tmp_path)
+    trains, validations = [], []
+    for fold in range(4):
+        overrides = ("dataset.val_identities=10", "dataset.proportion=0.25", f"dataset.fold_id={fold}")
+        splits = build_datamodule(compose_config("demo", demo_overrides(tmp_path, *overrides))).splits
+        trains.append({s.image_path for s in splits.train})
+        validations.append(sorted(map(str, splits.val.image_paths)))
+        assert splits.num_train_ids in {(len(all_train_ids) - 10) // 4, (len(all_train_ids) - 10 + 3) // 4}
+    assert all(validation == validations[0] for validation in validations)
+    held_out = {p for p in validations[0]}
+    for index, fold in enumerate(trains):
+        assert not {str(p) for p in fold} & held_out
+        assert all(not fold & other for other in trains[index + 1 :])  # no person in two folds
+    # four folds of a quarter cover every person left after the hold-out
+    everyone = build_datamodule(compose_config("demo", demo_overrides(tmp_path, "dataset.val_identities=10"))).splits
+    assert set().union(*trains) == {s.image_path for s in everyone.train}
+
+
 def test_selecting_on_test_trains_every_identity_and_says_so(demo_root, tmp_path):
     """VN3K without validation records (as the real file is): the honest default holds identities out, the peers'
     protocol trains on all of them.
@@ -119,13 +154,7 @@ def test_selecting_on_test_trains_every_identity_and_says_so(demo_root, tmp_path
     from lightning_data import build_datamodule
     from trainer import protocol_of
 
-    records = json.loads((demo_root / "VN3K" / "data_captions.json").read_text(encoding="utf-8"))
-    records = [r for r in records if r["split"] in ("train", "test")]
-    (tmp_path / "VN3K").mkdir()
-    (tmp_path / "VN3K" / "data_captions.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
-    (tmp_path / "VN3K" / "imgs").symlink_to(demo_root / "VN3K" / "imgs")
-    (tmp_path / "tiny_siglip").symlink_to(demo_root / "tiny_siglip")
-    all_train_ids = {r["id"] for r in records if r["split"] == "train"}
+    all_train_ids = _vn3k_without_validation(demo_root, tmp_path)
 
     held_out = compose_config("demo", demo_overrides(tmp_path, "dataset.val_identities=10"))
     assert build_datamodule(held_out).splits.num_train_ids == len(all_train_ids) - 10
@@ -134,3 +163,21 @@ def test_selecting_on_test_trains_every_identity_and_says_so(demo_root, tmp_path
     assert "every training identity" in protocol_of(peers) and "held out" in protocol_of(held_out)
     with pytest.raises(Exception, match="model_selection=test"):  # the default without a hold-out names both fixes
         build_datamodule(compose_config("demo", demo_overrides(tmp_path, "dataset.val_identities=0")))
+
+
+def test_an_evaluation_split_smaller_than_r10_is_refused_before_training(demo_root, tmp_path):
+    """R@10 ranks ten images (text-to-image) and ten captions (image-to-text): a gallery of fewer stops the run at the
+    first evaluation, after a whole epoch; the data module refuses it at set-up, naming the split and the fix.
+    """
+    from lightning_data import build_datamodule
+    from utils.errors import InputError
+
+    _vn3k_without_validation(demo_root, tmp_path)
+    with pytest.raises(InputError, match=r"validation split of VN3K_VI .* has \d images.*dataset.val_identities"):
+        build_datamodule(compose_config("demo", demo_overrides(tmp_path, "dataset.val_identities=1")))
+    records = json.loads((tmp_path / "VN3K" / "data_captions.json").read_text(encoding="utf-8"))
+    test_people = sorted({r["id"] for r in records if r["split"] == "test"})
+    kept = [r for r in records if r["split"] == "train" or r["id"] == test_people[0]]
+    (tmp_path / "VN3K" / "data_captions.json").write_text(json.dumps(kept, ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(InputError, match=r"test split of VN3K_VI .* has \d images.*give the test split"):
+        build_datamodule(compose_config("demo", demo_overrides(tmp_path, "dataset.val_identities=10")), stage="test")

@@ -152,3 +152,37 @@ def test_invalid_arguments(batch_size: int, num_instance: int, match: str) -> No
 def test_length_mismatch() -> None:
     with pytest.raises(ValueError, match="same length"):
         IdentitySampler([0, 1], [0], batch_size=2, num_instance=1)
+
+
+def _identities_per_batch(sampler: IdentitySampler, pids: list[int]) -> list[set[int]]:
+    return [{pids[i] for i in batch} for batch in batches(sampler)]
+
+
+def test_identities_meet_at_random_not_in_the_same_groups_again() -> None:
+    # 600 people x 8 samples, K = 4: each person fills two batches of 6 people. If P identities were drawn at random
+    # per batch (the re-ID convention), the two batches of a person would share about (P - 1)^2 / (N - 1) = 0.04
+    # other people on average; dealing a person's chunks to neighbouring batches shares all 5 every time.
+    pids, image_ids = make_data({pid: 8 for pid in range(600)}, captions_per_image=1)
+    sampler = IdentitySampler(pids, image_ids, batch_size=24, num_instance=4, seed=2307)
+    where: dict[int, list[set[int]]] = {}
+    for members in _identities_per_batch(sampler, pids):
+        for pid in members:
+            where.setdefault(pid, []).append(members - {pid})
+    assert all(len(batches_of) == 2 for batches_of in where.values())
+    shared = [len(first & second) for first, second in where.values()]
+    assert sum(shared) / len(shared) < 0.25
+
+
+def test_every_pair_of_identities_meets_about_equally_often() -> None:
+    # 12 people x 16 samples, K = 4, P = 3: 16 batches of 3 people (48 meetings of pairs) per epoch. Over 200 epochs a
+    # uniform draw gives each of the 66 pairs 9600 / 66 = 145 meetings (standard deviation about 12).
+    pids, image_ids = make_data({pid: 16 for pid in range(12)}, captions_per_image=1)
+    sampler = IdentitySampler(pids, image_ids, batch_size=12, num_instance=4, seed=1)
+    meetings: Counter = Counter()
+    for epoch in range(200):
+        sampler.set_epoch(epoch)
+        for members in _identities_per_batch(sampler, pids):
+            assert len(members) == 3
+            meetings.update((a, b) for a in members for b in members if a < b)
+    assert len(meetings) == 66
+    assert 145 * 0.7 < min(meetings.values()) and max(meetings.values()) < 145 * 1.3

@@ -127,20 +127,20 @@ def test_incremental_reindex_with_faiss_encodes_only_changes_and_searches_the_cu
 
 @pytest.fixture
 def linked_gallery(tmp_path) -> tuple[Path, Path]:
-    """A folder of four links into shared storage outside it: two to files, one to a folder of two."""
-    shared, photos = tmp_path / "shared", tmp_path / "photos"
-    _photos(shared, 2)
-    _photos(shared / "album", 2, seed=1)
+    """A folder of four links into storage outside it: two to files, one to a folder of two."""
+    storage, photos = tmp_path / "storage", tmp_path / "photos"
+    _photos(storage, 2)
+    _photos(storage / "album", 2, seed=1)
     photos.mkdir()
-    (photos / "a.png").symlink_to(shared / "p000.png")
-    (photos / "b.png").symlink_to(shared / "p001.png")
-    (photos / "album").symlink_to(shared / "album")
+    (photos / "a.png").symlink_to(storage / "p000.png")
+    (photos / "b.png").symlink_to(storage / "p001.png")
+    (photos / "album").symlink_to(storage / "album")
     (photos / "loop").symlink_to(photos)  # must not be walked forever
-    return photos, shared
+    return photos, storage
 
 
 def test_follow_links_indexes_targets_outside_the_folder_and_records_it(model, linked_gallery, tmp_path):
-    photos, shared = linked_gallery
+    photos, storage = linked_gallery
     with pytest.raises(SearchIndexError, match="no jpeg/jpg/png/webp images under"):
         build_index(photos, model, tmp_path / "index", progress=False)
     report = build_index(photos, model, tmp_path / "index", follow_links=True, progress=False)
@@ -148,12 +148,12 @@ def test_follow_links_indexes_targets_outside_the_folder_and_records_it(model, l
     assert report.total == 4 and manifest["follow_links"] is True
     targets = {f["path"]: f.get("target") for f in manifest["files"]}
     assert targets == {
-        "a.png": str((shared / "p000.png").resolve()),
-        "album/p000.png": str((shared / "album" / "p000.png").resolve()),
-        "album/p001.png": str((shared / "album" / "p001.png").resolve()),
-        "b.png": str((shared / "p001.png").resolve()),
+        "a.png": str((storage / "p000.png").resolve()),
+        "album/p000.png": str((storage / "album" / "p000.png").resolve()),
+        "album/p001.png": str((storage / "album" / "p001.png").resolve()),
+        "b.png": str((storage / "p001.png").resolve()),
     }
-    (photos / "c.png").symlink_to(shared / "album" / "p000.png")
+    (photos / "c.png").symlink_to(storage / "album" / "p000.png")
     again = build_index(photos, model, tmp_path / "index", progress=False)  # the recorded choice holds
     assert (again.total, again.encoded) == (5, 1)
 
@@ -167,21 +167,21 @@ def _get(port: int, path: str) -> tuple[int, bytes]:
 
 
 def test_web_serves_only_indexed_files(model, linked_gallery, tmp_path):
-    photos, shared = linked_gallery
-    (photos / "inside.png").write_bytes((shared / "p000.png").read_bytes())
+    photos, storage = linked_gallery
+    (photos / "inside.png").write_bytes((storage / "p000.png").read_bytes())
     build_index(photos, model, tmp_path / "index", follow_links=True, progress=False)
     server = make_server(*open_search(tmp_path / "index"), port=0)
     Thread(target=server.serve_forever, daemon=True).start()
     port = server.server_address[1]
     try:
-        assert _get(port, "/image/album/p001.png") == (200, (shared / "album" / "p001.png").read_bytes())
+        assert _get(port, "/image/album/p001.png") == (200, (storage / "album" / "p001.png").read_bytes())
         assert _get(port, "/image/inside.png")[0] == 200
-        (photos / "late.png").symlink_to(shared / "p000.png")  # a link added after indexing
-        (photos / "late_file.png").write_bytes((shared / "p000.png").read_bytes())
+        (photos / "late.png").symlink_to(storage / "p000.png")  # a link added after indexing
+        (photos / "late_file.png").write_bytes((storage / "p000.png").read_bytes())
         (photos / "b.png").unlink()
         (photos / "b.png").symlink_to(tmp_path / "index" / "manifest.json")  # an indexed link retargeted
-        for path in ("/image/late.png", "/image/late_file.png", "/image/b.png", "/image/../shared/p000.png",
-                     "/image/" + str(shared / "p000.png"), "/image/loop/a.png"):  # fmt: skip
+        for path in ("/image/late.png", "/image/late_file.png", "/image/b.png", "/image/../storage/p000.png",
+                     "/image/" + str(storage / "p000.png"), "/image/loop/a.png"):  # fmt: skip
             assert _get(port, path)[0] == 404, path
     finally:
         server.shutdown()

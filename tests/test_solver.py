@@ -182,3 +182,70 @@ def test_seed_decay_makes_linear_decay_to_zero_whatever_the_end_rate():
     seed = [lr_at(step, **kwargs, options={"seed_decay": True}) for step in (20, 60, 99)]
     assert seed == pytest.approx([1e-5, 5e-6, 1.25e-7])  # lr0 * (1 - r), r = (t - 20) / 80
     assert lr_at(99, **kwargs) == pytest.approx(1e-5 + (5e-6 - 1e-5) * 79 / 80)  # towards end_lr
+
+
+def test_warmup_in_epochs_lasts_that_many_epochs_of_optimizer_steps_whatever_the_run_length():
+    # IRRA warms up for 5 epochs: with 10 optimizer steps per epoch the peak comes at step 50, in a 60-epoch run
+    # (600 steps) as in a 30-epoch one (300 steps); a fraction of the run would move it.
+    for total in (600, 300):
+        optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1e-3)
+        optimizer.param_groups[0].update(start_lr=0.0, end_lr=0.0)
+        scheduler = build_scheduler(optimizer, {"warmup_epochs": 5}, total_steps=total, steps_per_epoch=10)
+        lrs = []
+        for _ in range(60):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        assert lrs[0] == 0.0 and lrs[25] == pytest.approx(0.5e-3) and lrs[50] == pytest.approx(1e-3)
+        assert lrs[51] < 1e-3
+
+
+def test_warmup_settings_that_contradict_each_other_or_the_run_are_refused():
+    from config_schema import register_schema
+    from tests.conftest import compose_config
+    from trainer import validate_config
+    from utils.config import ConfigError
+
+    register_schema()
+    with pytest.raises(ConfigError, match=r"warmup_epochs=5(\.0)? and scheduler.warmup_fraction=0.2 both set"):
+        validate_config(compose_config("demo", ["scheduler=irra", "scheduler.warmup_fraction=0.2"]))
+    with pytest.raises(ConfigError, match=r"warmup_epochs=5(\.0)? is not shorter than trainer.max_epochs=5"):
+        validate_config(compose_config("demo", ["scheduler=irra", "trainer.max_epochs=5"]))
+    with pytest.raises(ConfigError, match=r"warmup_epochs must be >= 0"):
+        validate_config(compose_config("demo", ["scheduler=irra", "scheduler.warmup_epochs=-1"]))
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1e-3)
+    with pytest.raises(ConfigError, match=r"warmup_epochs=3 \(30 optimizer steps\) is not shorter than the whole run"):
+        build_scheduler(optimizer, {"warmup_epochs": 3}, total_steps=30, steps_per_epoch=10)  # max_steps ends it
+
+
+def test_a_training_run_warms_up_for_whole_epochs_of_its_optimizer_steps(demo_root, tmp_path):
+    # 3 batches per epoch with accumulation 2: Lightning steps after batch 2 and after the epoch's last batch, so an
+    # epoch is 2 optimizer steps; 2 warmup epochs end at step 4 of the 8 of 4 epochs.
+    from lightning.pytorch.callbacks import Callback
+
+    from tests.conftest import compose_config, demo_overrides
+    from trainer import train
+
+    class _Rates(Callback):
+        def __init__(self):
+            self.rates = {}
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            group = trainer.optimizers[0].param_groups[0]
+            self.rates[trainer.global_step] = (group["lr"], group["initial_lr"], group.get("start_lr", 0.0))
+
+    rates = _Rates()
+    overrides = (
+        "scheduler=irra",
+        "scheduler.warmup_epochs=2",
+        "trainer.max_epochs=4",
+        "+trainer.limit_train_batches=3",
+        "++trainer.accumulate_grad_batches=2",
+        "trainer.limit_val_batches=0",
+        "+trainer.limit_test_batches=0",
+    )
+    train(compose_config("demo", demo_overrides(demo_root, *overrides)), tmp_path, callbacks=[rates])
+    assert sorted(rates.rates) == list(range(8))
+    lr, peak, start = rates.rates[2]
+    assert lr == pytest.approx(start + (peak - start) * 2 / 4)  # halfway through the warmup
+    assert rates.rates[4][0] == pytest.approx(peak) and rates.rates[5][0] < peak

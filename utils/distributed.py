@@ -32,6 +32,16 @@ def all_gather_objects(value: Any) -> list[Any]:
     return values
 
 
+def any_rank_flag(flag: Tensor) -> Tensor:
+    """1.0 where `flag` (a scalar tensor) is set on any rank, else 0.0: a float copy, all-reduced in stream order
+    (no host synchronisation; read it later, e.g. through `utils.deferred.DeferredScalars`).
+    """
+    total = flag.detach().float().clone()
+    if world_size() > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.MAX)
+    return total
+
+
 def all_gather_with_grad(tensor: Tensor) -> Tensor:
     """Concatenate `tensor` (B, ...) of every rank into (world * B, ...), in rank order; B must match on all ranks.
 
