@@ -116,7 +116,8 @@ def test_vietnamese_text_round_trips(tmp_path: Path) -> None:
 
 
 def test_icfg_zero_based_ids_and_rstp_img_path(tmp_path: Path) -> None:
-    icfg = [record(i, f"{i}.png", "train", n_captions=1) for i in (0, 1, 2)] + [record(0, "q.png", "test", 1)]
+    # ICFG-PEDES ids start at 0; its test persons (here 3) are not training persons.
+    icfg = [record(i, f"{i}.png", "train", n_captions=1) for i in (0, 1, 2)] + [record(3, "q.png", "test", 1)]
     write_dataset(tmp_path, "ICFG-PEDES", icfg)
     splits = read_dataset("ICFG-PEDES", tmp_path)
     assert [s.pid for s in splits.train] == [0, 1, 2] and splits.val is None
@@ -259,3 +260,148 @@ def test_query_pid_without_gallery_image() -> None:
         EvalSplit(image_pids=[1, 2], image_paths=[Path("a"), Path("b")], caption_pids=[1, 4], captions=["x", "y"])
     with pytest.raises(ValueError, match="parallel"):
         EvalSplit(image_pids=[1], image_paths=[], caption_pids=[], captions=[])
+
+
+# ---------------------------------------------------------------- protocol: identity-disjoint splits, unique gallery
+def test_a_person_in_two_splits_is_refused_under_either_policy(tmp_path: Path) -> None:
+    # CUHK-PEDES (11,003 / 1,000 / 1,000 ids), ICFG-PEDES and RSTPReid are identity-disjoint: test persons are unseen.
+    records = standard_records("CUHK-PEDES")
+    records[1]["id"] = 7  # a test image of training person 7
+    annotation = write_dataset(tmp_path, "CUHK-PEDES", records)
+    for policy in ("fail", "skip"):
+        with pytest.raises(DatasetFormatError) as info:
+            read_dataset("CUHK-PEDES", tmp_path, bad_records=policy)
+        message = str(info.value)
+        assert str(annotation) in message and "train and test share 1 ids, first [7]" in message
+        assert "each person one split" in message and "\n" not in message
+
+
+def test_shared_ids_are_counted_and_the_first_few_quoted_per_pair_of_splits(tmp_path: Path) -> None:
+    # Train persons 1..7; test repeats 1..6 (6 shared) and validation repeats 7 (1 shared with train, none with test).
+    records = [record(pid, f"train/{pid}.png", "train") for pid in range(1, 8)]
+    records += [record(pid, f"test/{pid}.png", "test") for pid in range(1, 7)]
+    records += [record(7, "val/7.png", "val")]
+    write_dataset(tmp_path, "ICFG-PEDES", records)
+    with pytest.raises(DatasetFormatError) as info:
+        read_dataset("ICFG-PEDES", tmp_path)
+    message = str(info.value)
+    assert "train and val share 1 ids, first [7]" in message
+    assert "train and test share 6 ids, first [1, 2, 3, 4, 5]" in message and "val and test" not in message
+
+
+@pytest.mark.parametrize("split", ["test", "val"])
+def test_an_evaluation_split_listing_an_image_twice_is_refused(tmp_path: Path, split: str) -> None:
+    # Every real annotation file lists each image once; a second gallery entry would count twice in recall and mAP.
+    records = standard_records("RSTPReid")
+    original = next(r for r in records if r["split"] == split)
+    records.append({**original, "captions": ["another description of the same image"]})
+    annotation = write_dataset(tmp_path, "RSTPReid", records)
+    with pytest.raises(DatasetFormatError) as info:
+        read_dataset("RSTPReid", tmp_path)
+    message = str(info.value)
+    assert str(annotation) in message and f"the {split} split lists 1 images more than once" in message
+    assert "'img_path'" in message and str(tmp_path / "RSTPReid" / "imgs" / original["img_path"]) in message
+
+
+# ---------------------------------------------------------------- skip: the gallery keeps every evaluation image
+# How test image t50/a.png loses every caption, and how many dropped captions that counts (one per unusable item; a
+# missing caption list counts as one); training image p3/a.png adds one more (its single null caption).
+UNUSABLE_CAPTIONS = [(["", "   "], 2), ([], 0), (None, 1)]
+
+
+@pytest.mark.parametrize(("unusable", "dropped"), UNUSABLE_CAPTIONS, ids=["blank", "empty-list", "missing-key"])
+def test_skip_keeps_an_evaluation_image_without_usable_captions_in_the_gallery(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, unusable: list[str] | None, dropped: int
+) -> None:
+    records = standard_records("CUHK-PEDES")
+    records[1] = _drop("captions")(records[1]) if unusable is None else _set("captions", unusable)(records[1])
+    records[2]["captions"] = [None]  # training image p3/a.png: nothing to train on, dropped
+    write_dataset(tmp_path, "CUHK-PEDES", records)
+    with caplog.at_level(logging.WARNING, logger="data.readers"):
+        splits = read_dataset("CUHK-PEDES", tmp_path, bad_records="skip")
+    folder = tmp_path / "CUHK-PEDES" / "imgs"
+    # The gallery is every test image of the file; t50/a.png yields no query, t50/b.png and t51/a.png two each.
+    assert splits.test.image_paths == [folder / p for p in ("t50/a.png", "t50/b.png", "t51/a.png")]
+    assert splits.test.caption_pids == [50, 50, 51, 51]
+    assert splits.num_train_ids == 2 and folder / "p3/a.png" not in {s.image_path for s in splits.train}
+    assert (splits.skipped_records, splits.skipped_captions) == (1, dropped + 1)
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert f"dropped 1 records and {dropped + 1} captions (1 validation/test images stay in the gallery" in warning
+
+
+def test_skip_refuses_an_evaluation_person_left_without_any_caption(tmp_path: Path) -> None:
+    # Image-to-text retrieval ranks each gallery image against the captions: person 51's only image has none left.
+    records = standard_records("CUHK-PEDES")
+    records[7]["captions"] = [""]
+    annotation = write_dataset(tmp_path, "CUHK-PEDES", records)
+    with pytest.raises(DatasetFormatError) as info:
+        read_dataset("CUHK-PEDES", tmp_path, bad_records="skip")
+    message = str(info.value)
+    assert str(annotation) in message and "test persons (key 'id') [51] (1 in all)" in message
+
+
+def test_fail_still_stops_at_a_blank_test_caption(tmp_path: Path) -> None:
+    records = standard_records("CUHK-PEDES")
+    records[1]["captions"] = [""]
+    write_dataset(tmp_path, "CUHK-PEDES", records)
+    with pytest.raises(DatasetFormatError, match=r"record 1 \(id=50\): key 'captions' item 0"):
+        read_dataset("CUHK-PEDES", tmp_path)
+
+
+# ---------------------------------------------------------------- split values and the dataset root
+def test_split_values_ignore_case_and_surrounding_spaces(tmp_path: Path) -> None:
+    spelled = {"train": "Train", "test": "TEST ", "validate": " Validate"}
+    records = [{**r, "split": spelled[r["split"]]} for r in standard_records("VN3K_VI")]
+    write_dataset(tmp_path, "VN3K_VI", records)
+    splits = read_dataset("VN3K_VI", tmp_path)
+    # The same splits as the lower-case file: train ids 3, 7, 11 (4 images), validation id 60, test 50 (2) and 51.
+    assert splits.summary_rows() == [("train", 3, 4, 8), ("val", 1, 1, 2), ("test", 2, 3, 6)]
+
+
+def test_a_missing_split_names_the_values_the_file_has(tmp_path: Path) -> None:
+    records = [
+        {**r, "split": "training" if r["split"] == "train" else r["split"]} for r in standard_records("RSTPReid")
+    ]
+    annotation = write_dataset(tmp_path, "RSTPReid", records)
+    with pytest.raises(DatasetFormatError) as info:
+        read_dataset("RSTPReid", tmp_path)
+    message = str(info.value)
+    assert str(annotation) in message and "'split' == 'train'" in message
+    assert "'training': 4" in message and "'test': 3" in message and "set each record's 'split' to train" in message
+
+
+def test_a_root_that_is_the_dataset_folder_names_dataset_root_dir_and_its_parent(tmp_path: Path) -> None:
+    write_dataset(tmp_path, "CUHK-PEDES", standard_records("CUHK-PEDES"))
+    folder = tmp_path / "CUHK-PEDES"
+    for name in ("CUHK-PEDES", "RSTPReid"):  # a sibling dataset is looked for next to it, under the parent too
+        with pytest.raises(FileNotFoundError) as info:
+            read_dataset(name, folder)
+        message = str(info.value)
+        assert f"dataset_root_dir={folder} is the CUHK-PEDES dataset folder itself" in message
+        assert f"set dataset_root_dir={tmp_path}," in message
+
+
+# ---------------------------------------------------------------- a caption key that no record has
+@pytest.mark.parametrize(("name", "key"), [("VN3K_EN", "en_captions"), ("VN3K_MIXED", "en_captions")])
+def test_a_caption_key_absent_from_every_record_names_the_variant_to_use(tmp_path: Path, name: str, key: str) -> None:
+    records = [{k: v for k, v in r.items() if k != key} for r in standard_records(name)]
+    annotation = write_dataset(tmp_path, name, records)
+    for policy in ("fail", "skip"):  # skip would drop every record: the fix is the VN3K_VI variant instead
+        with pytest.raises(DatasetFormatError) as info:
+            read_dataset(name, tmp_path, bad_records=policy)
+        message = str(info.value)
+        assert str(annotation) in message and f"no record has key '{key}'" in message
+        assert "use dataset=vn3k_vi" in message and "bad_records=skip" not in message
+    # The suggestion is the config group that selects VN3K_VI, and that file reads these records.
+    assert "dataset_name: VN3K_VI" in (Path(__file__).parents[1] / "config/dataset/vn3k_vi.yaml").read_text()
+    assert read_dataset("VN3K_VI", tmp_path).num_train_ids == 3
+
+
+def test_a_renamed_caption_key_is_named_with_the_keys_the_records_have(tmp_path: Path) -> None:
+    records = [{("caption" if k == "captions" else k): v for k, v in r.items()} for r in standard_records("CUHK-PEDES")]
+    annotation = write_dataset(tmp_path, "CUHK-PEDES", records)
+    with pytest.raises(DatasetFormatError) as info:
+        read_dataset("CUHK-PEDES", tmp_path, bad_records="skip")
+    message = str(info.value)
+    assert str(annotation) in message and "no record has key 'captions'" in message
+    assert "name each record's caption list 'captions'" in message and "'caption'" in message

@@ -91,11 +91,12 @@ def test_an_id_written_as_a_numeric_string_or_float_is_that_number(tmp_path):
     records = [
         {"id": "12", "file_path": "a.jpg", "split": "train", "captions": ["x"]},
         {"id": 12.0, "file_path": "b.jpg", "split": "train", "captions": ["y"]},
-        {"id": " 12 ", "file_path": "c.jpg", "split": "test", "captions": ["z"]},
+        {"id": " 13 ", "file_path": "c.jpg", "split": "test", "captions": ["z"]},  # test persons are not train ones
+        {"id": 13.0, "file_path": "d.jpg", "split": "test", "captions": ["w"]},
     ]
     _write(tmp_path, records)
     splits = read_dataset("CUHK-PEDES", tmp_path)
-    assert splits.num_train_ids == 1 and splits.test.image_pids == [12]
+    assert splits.num_train_ids == 1 and splits.test.image_pids == [13, 13]
 
 
 def test_evaluation_needs_only_the_test_images(tmp_path, demo_root):
