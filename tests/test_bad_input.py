@@ -344,7 +344,7 @@ def test_10_missing_tokenizer_folder(tmp_path: Path) -> None:
     expect(error, TokenizerError, f"Tokenizer folder {tmp_path / 'nowhere'} does not exist", "prepare_checkpoints")
 
 
-def test_10_tokenizer_larger_than_the_text_embedding(tiny_checkpoint: Path, vn3k: Path, tmp_path: Path) -> None:
+def test_10_tokenizer_larger_than_the_text_embedding(tiny_checkpoint: Path, demo_root: Path, tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
     from trainer import train
@@ -355,7 +355,7 @@ def test_10_tokenizer_larger_than_the_text_embedding(tiny_checkpoint: Path, vn3k
     cfg = compose_config(
         "demo",
         demo_overrides(
-            vn3k,
+            demo_root,
             f"backbone.path={tiny_checkpoint}",
             f"tokenizer.pretrained_model_name_or_path={tmp_path / 'bigger_tokenizer'}",
             "img_size_str='(32,32)'",

@@ -103,14 +103,16 @@ def test_evaluation_needs_only_the_test_images(tmp_path, demo_root):
     """`train=false` on a copy with the training and validation images absent: nothing else is looked at."""
     from lightning_data import build_datamodule
 
-    _write(tmp_path, [r for r in MESSY_RECORDS if r["id"] in (1, 4, 5)], images="test")
+    # Ten more test people, one image each: R@10 needs ten images and ten captions.
+    more = [{"id": 10 + n, "file_path": f"t{n}.jpg", "split": "test", "captions": [f"person {n}"]} for n in range(10)]
+    _write(tmp_path, [r for r in MESSY_RECORDS if r["id"] in (1, 4, 5)] + more, images="test")
     shutil.copytree(demo_root / "tiny_siglip", tmp_path / "tiny_siglip")
     for policy in ("fail", "skip"):
         overrides = demo_overrides(
             tmp_path, "dataset.dataset_name=CUHK-PEDES", f"dataset.bad_images={policy}", "dataset.bad_records=skip"
         )
         datamodule = build_datamodule(compose_config("demo", overrides), stage="test")
-        assert datamodule.splits.test.image_pids == [4, 4] and not datamodule.splits.train
+        assert datamodule.splits.test.image_pids == [4, 4, *range(10, 20)] and not datamodule.splits.train
 
 
 def _vn3k_without_validation(demo_root, root) -> set[int]:
