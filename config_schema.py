@@ -201,12 +201,21 @@ def checkpoint_problems(path: Path) -> list[str]:
     fix = "pass a .ckpt written by trainer.py, such as <run folder>/checkpoints/last.ckpt"
     if not path.is_file():
         return [f"ckpt_path={str(path)!r} does not exist; {fix}, or ckpt_path=null to start from the backbone."]
+    if reason := unreadable_checkpoint(path):
+        return [f"ckpt_path={str(path)!r} is not a readable checkpoint ({reason}); {fix}."]
+    return []
+
+
+def unreadable_checkpoint(path: Path) -> str | None:
+    """Why torch cannot read the file `path` as a checkpoint of tensors and plain containers (None when it can).
+
+    Memory-mapped, so nothing is copied; a truncated copy, another kind of file or pickled objects all end here.
+    """
     try:
         torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, EOFError, KeyError, OSError, pickle.UnpicklingError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        return [f"ckpt_path={str(path)!r} is not a readable checkpoint ({reason}); {fix}."]
-    return []
+        return str(error).splitlines()[0] if str(error) else type(error).__name__
+    return None
 
 
 def register_schema() -> None:

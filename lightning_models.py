@@ -42,6 +42,10 @@ from utils.tables import results_table
 log = logging.getLogger(__name__)
 
 GALLERY, QUERIES = 0, 1  # dataloader indices of an evaluation split
+#: Where runs start (`trainer.py`): a relative model or tokenizer folder in a checkpoint's config is relative to it.
+PROJECT_ROOT = Path(__file__).resolve().parent
+#: The config keys that name a local folder a trained module is rebuilt from.
+MODEL_FOLDER_KEYS = (("backbone", "path"), ("tokenizer", "pretrained_model_name_or_path"))
 #: Logged training steps whose values are still on their way from the GPU when a step is logged (`DeferredScalars`):
 #: the host may queue this many steps ahead of the last values it has read.
 LOG_LAG = 2
@@ -103,17 +107,35 @@ class TBPSLitModule(L.LightningModule):
         self._non_finite: Tensor | None = None
         self._non_finite_step = self._non_finite_terms = None
         self._term_names: list[str] = []
-        #: This step's training metrics on the device (training_step), queued for the loggers when the batch logs.
+        #: This step's training metrics on the device (training_step), queued for the loggers when the batch logs,
+        #: and the batch they come from while they are not queued yet.
         self._step_logs: dict[str, Tensor] = {}
+        self._unqueued_batch: int | None = None
         self._pending_logs = DeferredScalars(LOG_LAG)
         #: The training metrics of the last logged step written to the loggers (what the progress bar shows).
         self.logged_training_metrics: dict[str, float] = {}
         self._compiled = False  # setup() runs for fit and again for test: compile once
         self.eval_results: dict[str, dict[str, dict[str, float]]] = {}
+        #: Every validation's tables by global step (kept in checkpoints), so results.json gives the selected one's.
+        self.val_history: dict[int, dict[str, dict[str, float]]] = {}
         #: Printed after "Val results" / "Test results" (which split and which weights the table is about).
         self.eval_labels: dict[str, str] = {}
         if self.cfg.model_selection == "test":
             self.eval_labels["val"] = " [TEST split: the peers' select-on-test protocol, for parity only]"
+
+    @classmethod
+    def load_trained(cls, path: str | Path) -> TBPSLitModule:
+        """A trained module from a checkpoint written by `trainer.py`, on the CPU, read without unpickling code, from
+        any working directory: a relative model or tokenizer folder in its config (a run started in the repository,
+        such as the demo's `demo_assets/tiny_siglip`) is found in the repository when the working directory lacks it.
+        """
+        cfg = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["hyper_parameters"]["cfg"]
+        for group, key in MODEL_FOLDER_KEYS:
+            folder = cfg.get(group, {}).get(key)
+            if folder and not Path(folder).is_absolute() and not Path(folder).exists():
+                if (PROJECT_ROOT / folder).exists():
+                    cfg[group][key] = str(PROJECT_ROOT / folder)
+        return cls.load_from_checkpoint(path, map_location="cpu", weights_only=True, cfg=cfg)
 
     @property
     def text_vocab_size(self) -> int:
@@ -193,15 +215,20 @@ class TBPSLitModule(L.LightningModule):
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # The logs of every step the checkpoint holds are written before it: a run resumed from it logs the rest.
+        # The logs of every step the checkpoint holds are written before it: a run resumed from it logs the rest. A
+        # checkpoint written in this batch's callbacks (a step checkpoint, the SLURM requeue) holds this batch's step,
+        # whose values on_train_batch_end has not queued yet.
+        self._queue_step_logs()
         self.write_training_logs(everything=True)
         self.check_finite()  # never write weights a non-finite step may have reached
         # Lightning restores weights, optimizer, scheduler and loop counters but not the random generators, which
         # drive shuffling and augmentation: without them a resumed run would diverge from an uninterrupted one.
         # One entry per rank (every rank runs this hook before rank 0 writes): each rank augments with its own.
         checkpoint["rng_states"] = all_gather_objects(rng_states())
+        checkpoint["val_history"] = self.val_history
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.val_history = dict(checkpoint.get("val_history", {}))
         states = checkpoint.get("rng_states")
         if not states:
             return
@@ -243,6 +270,7 @@ class TBPSLitModule(L.LightningModule):
             **{f"train/{name}": value.detach() for name, value in terms.items()},
             **{f"train/{name}": value.detach() for name, value in stats.items()},
         }
+        self._unqueued_batch = batch_idx
         return total
 
     def fractional_epoch(self, batch_idx: int) -> float:
@@ -275,36 +303,41 @@ class TBPSLitModule(L.LightningModule):
         self._term_names = list(terms)
 
     def check_finite(self) -> None:
-        """Stop if a training loss became NaN/inf since the last check; every rank takes the same decision.
+        """Stop if a training loss became NaN/inf since the last check; every rank takes the same decision and names
+        the same step: the earliest any rank saw, with that rank's loss terms then.
 
-        One host synchronisation (plus one all-reduce of a flag under DDP).
+        One host synchronisation (plus one all-gather of each rank's first bad step under DDP).
         """
         flag = getattr(self, "_non_finite", None)  # None until a training step ran (or for a bare hook call)
-        finite = flag is None or not bool(flag)
-        if world_size() > 1:  # torch.distributed's: a bare hook call (no trainer) has none
-            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
-        if finite:
+        mine = None
+        if flag is not None and bool(flag):
+            mine = (int(self._non_finite_step), rank(), dict(zip(self._term_names, self._non_finite_terms.tolist())))
+        reports = [report for report in all_gather_objects(mine) if report is not None]
+        if not reports:
             return
-        if flag is None or not bool(flag):
-            where, values = "on another rank", ""
-        else:
-            pairs = zip(self._term_names, self._non_finite_terms.tolist())
-            where = f"at global step {int(self._non_finite_step)}"
-            values = ": " + ", ".join(f"{name}={value:.4g}" for name, value in pairs)
+        step, bad_rank, terms = min(reports, key=lambda report: report[:2])
+        on_rank = f" on rank {bad_rank}" if world_size() > 1 else ""
+        values = ", ".join(f"{name}={value:.4g}" for name, value in terms.items())
         raise NonFiniteLossError(
-            f"non-finite training loss {where} (detected at step {self.global_step}, epoch {self.current_epoch})"
-            f"{values}. Lower optimizer.lr or loss.circle_gamma, raise loss.circle_margin, or train in "
-            "bf16-mixed/32-true instead of 16-mixed. Checkpoints are checked before they are written: the last one "
-            "holds finite weights."
+            f"non-finite training loss at global step {step}{on_rank} (detected at step {self.global_step}, epoch "
+            f"{self.current_epoch}): {values}. Lower optimizer.lr or loss.circle_gamma, raise loss.circle_margin, or "
+            "train in bf16-mixed/32-true instead of 16-mixed. Checkpoints are checked before they are written: the "
+            "last one holds finite weights."
         )
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if logs_after_batch(self.trainer, batch_idx):
-            # Lightning's label for the logs written after this batch: optimizer steps before this one.
-            key = (self.global_step - 1, self.current_epoch)
-            flag = self._non_finite if self._non_finite is not None else torch.zeros((), device=self.device)
-            self._pending_logs.put(key, {**self._step_logs, _NON_FINITE: any_rank_flag(flag)})
-            self.write_training_logs()
+        self._queue_step_logs()
+        self.write_training_logs()
+
+    def _queue_step_logs(self) -> None:
+        """Queue the current batch's training metrics for the loggers, once, if Lightning logs after this batch."""
+        batch_idx, self._unqueued_batch = self._unqueued_batch, None
+        if batch_idx is None or not logs_after_batch(self.trainer, batch_idx):
+            return
+        # Lightning's label for the logs written after this batch: optimizer steps before this one.
+        key = (self.global_step - 1, self.current_epoch)
+        flag = self._non_finite if self._non_finite is not None else torch.zeros((), device=self.device)
+        self._pending_logs.put(key, {**self._step_logs, _NON_FINITE: any_rank_flag(flag)})
 
     def on_train_epoch_end(self) -> None:
         self.write_training_logs(everything=True)
@@ -398,6 +431,8 @@ class TBPSLitModule(L.LightningModule):
             if message is not None:
                 raise RuntimeError(f"evaluation failed on rank 0: {message}")
         self.eval_results[stage] = results
+        if stage == "val" and self.trainer.state.fn == "fit":
+            self.val_history[self.global_step] = results
         # Identical on every rank; sync_dist only tells Lightning so (a mean of equal values).
         self.log_dict(
             {f"{stage}/{task}_{k}": v for task, metrics in results.items() for k, v in metrics.items()}, sync_dist=True

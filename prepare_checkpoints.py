@@ -175,6 +175,7 @@ def export(checkpoint: Path, out_dir: Path, base_model: str | None = None) -> Pa
     """
     import torch
 
+    from config_schema import unreadable_checkpoint
     from data.text import CaptionTokenizer
     from lightning_models import TBPSLitModule
     from model.adapter_export import AdapterBase, restore_base_precision
@@ -183,7 +184,19 @@ def export(checkpoint: Path, out_dir: Path, base_model: str | None = None) -> Pa
 
     if not checkpoint.is_file():
         raise SystemExit(f"--export {checkpoint}: no such checkpoint file.")
-    module = TBPSLitModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
+    if reason := unreadable_checkpoint(checkpoint):
+        raise SystemExit(
+            f"--export {checkpoint} is not a readable checkpoint ({reason}); pass a .ckpt written by trainer.py "
+            "(e.g. RUN/checkpoints/last.ckpt, copied whole)."
+        )
+    if out_dir.exists():  # before the minutes of loading, not after
+        raise SystemExit(f"--out {out_dir} already exists; choose a new folder, or delete it to export again.")
+    try:
+        module = TBPSLitModule.load_trained(checkpoint)
+    except KeyError as error:  # readable, but not written by TBPSLitModule
+        raise SystemExit(
+            f"--export {checkpoint} is not a TBPS checkpoint (no {error}); pass a .ckpt written by trainer.py."
+        ) from error
     cfg = module.cfg
 
     def load_tokenizer() -> CaptionTokenizer:

@@ -11,6 +11,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
@@ -124,6 +125,7 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str = "run", callbacks: Sequ
         trainer.test(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)
     results = {
         **module.eval_results,
+        **selected_validation(module, best_path),
         **tested,
         "chance_t2i_R1": chance,
         "best_checkpoint": best_path,
@@ -131,6 +133,18 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str = "run", callbacks: Sequ
         "protocol": protocol_of(cfg),
     }
     return write_results(trainer, run_dir, results)
+
+
+def selected_validation(module: TBPSLitModule, best_path: str | None) -> dict[str, Any]:
+    """`val`: the validation tables of the selected checkpoint's epoch (beside its `test` table); `val_last`: those of
+    the last validation. Without a selected checkpoint (no validation ran) there is only the last one, if any.
+    """
+    last = module.eval_results.get("val")
+    if best_path is None or last is None:
+        return {}
+    selected = torch.load(best_path, map_location="cpu", weights_only=True, mmap=True)
+    tables = module.val_history.get(selected["global_step"], last)
+    return {"val": tables, "val_last": last, "selected_epoch": selected["epoch"]}
 
 
 def evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -148,7 +162,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if problems := checkpoint_problems(checkpoint):
         raise ConfigError(problems)
     try:
-        module = TBPSLitModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
+        module = TBPSLitModule.load_trained(checkpoint)
     except KeyError as error:  # readable, but not written by TBPSLitModule (no hyper-parameters / state dict)
         raise ConfigError(
             [

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Sampler
 
 from data.readers import TrainSample
@@ -36,7 +36,8 @@ BAD_IMAGE_FIX = "fix the file, or set dataset.bad_images=skip to drop unreadable
 
 
 def load_rgb(path: Path) -> Image.Image:
-    """Loads an image as RGB, failing once with the path instead of retrying.
+    """Loads an image as RGB, upright as it is displayed (its EXIF orientation applied: a phone's portrait photo is
+    stored sideways with a tag saying so), failing once with the path instead of retrying.
 
     Raises:
         ImageNotFoundError: The file does not exist.
@@ -44,7 +45,7 @@ def load_rgb(path: Path) -> Image.Image:
     """
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return ImageOps.exif_transpose(image).convert("RGB")
     except FileNotFoundError as err:
         raise ImageNotFoundError(f"image {path} not found; {BAD_IMAGE_FIX}") from err
     # PIL reports undecodable files as OSError (UnidentifiedImageError, truncation) but also as SyntaxError,

@@ -33,11 +33,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors import SafetensorError
 from safetensors.torch import load_model
 from transformers import AutoConfig, AutoModel, PreTrainedModel, PreTrainedTokenizerBase, SiglipImageProcessor
 
 from model.adapter_export import ADAPTER_DIR, AdapterBase, AdapterExportError, export_adapter
 from model.backbone import (
+    CheckpointError,
     check_image_size,
     check_model_dir,
     has_class_token,
@@ -213,13 +215,20 @@ def load_exported(path: str | Path) -> PreTrainedModel:
     path = check_model_dir(path)
     config = AutoConfig.from_pretrained(path)
     grid = getattr(config.vision_config, GRID_FIELD, None)
-    if grid is None:
-        # export_model writes safetensors only; refusing pickled `.bin` weights means loading never runs pickled code.
-        return AutoModel.from_pretrained(path, use_safetensors=True)
-    if not (path / WEIGHTS_FILE).is_file():
-        raise FileNotFoundError(f"{path} has no {WEIGHTS_FILE}; rectangular exports are written as one file.")
-    model = AutoModel.from_config(config)
-    patch = int(config.vision_config.patch_size)
-    resize_image_positions(model, (grid[0] * patch, grid[1] * patch))
-    load_model(model, path / WEIGHTS_FILE, strict=True)
+    try:
+        if grid is None:
+            # export_model writes safetensors only; refusing pickled `.bin` weights means loading never runs pickled
+            # code.
+            return AutoModel.from_pretrained(path, use_safetensors=True)
+        if not (path / WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(f"{path} has no {WEIGHTS_FILE}; rectangular exports are written as one file.")
+        model = AutoModel.from_config(config)
+        patch = int(config.vision_config.patch_size)
+        resize_image_positions(model, (grid[0] * patch, grid[1] * patch))
+        load_model(model, path / WEIGHTS_FILE, strict=True)
+    except SafetensorError as error:  # a truncated or overwritten file; not an OSError, so name it here
+        raise CheckpointError(
+            f"{path / WEIGHTS_FILE} cannot be read ({error}); export the checkpoint again (prepare_checkpoints.py "
+            "--export) or copy the folder whole."
+        ) from error
     return model.eval()

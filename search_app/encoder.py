@@ -73,17 +73,30 @@ class SearchEncoder:
 
 
 def _load_checkpoint(path: Path, device: torch.device, text_attention_mask: bool | None) -> SearchEncoder:
+    from config_schema import unreadable_checkpoint
     from lightning_models import TBPSLitModule
 
     try:
-        # weights_only: tensors and plain containers only; a checkpoint that needs arbitrary classes is refused
-        # instead of unpickled (which could run code). Explicit, so TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot undo it.
-        module = TBPSLitModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+        # Tensors and plain containers only (weights_only): a checkpoint that needs arbitrary classes is refused
+        # instead of unpickled (which could run code).
+        module = TBPSLitModule.load_trained(path)
+    except KeyError as err:  # readable, but not written by TBPSLitModule
+        raise ModelSourceError(
+            f"--model {path} is not a TBPS checkpoint (no {err}); pass a .ckpt written by `trainer.py` or an exported "
+            "folder."
+        ) from err
     except pickle.UnpicklingError as err:
         raise ModelSourceError(
             f"--model {path} holds objects other than tensors and plain containers, so it is not loaded (that would "
             "run pickled code); pass a checkpoint written by `trainer.py` or an exported folder."
         ) from err
+    except (RuntimeError, EOFError, OSError) as err:
+        if reason := unreadable_checkpoint(path):  # the file itself, not the model it describes
+            raise ModelSourceError(
+                f"--model {path} is not a readable checkpoint ({reason}); pass a .ckpt written by `trainer.py` "
+                "(e.g. RUN/checkpoints/last.ckpt, copied whole) or an exported folder."
+            ) from err
+        raise
     cfg = module.cfg
     mask = cfg.tokenizer.use_attention_mask if text_attention_mask is None else text_attention_mask
     tokenizer = CaptionTokenizer.from_pretrained(

@@ -168,12 +168,12 @@ def encode_images(
     return embedded, skipped
 
 
-SETTINGS = ("format", "image_size", "mean", "std", "embed_dim", "text_attention_mask")
+SETTINGS = ("format", "image_size", "mean", "std", "embed_dim", "exif_upright", "text_attention_mask")
 
 
 def _settings(encoder: SearchEncoder) -> dict[str, Any]:
     """The manifest fields that describe how images were embedded and how queries must be."""
-    values = (FORMAT_VERSION, list(encoder.image_size), list(encoder.mean), list(encoder.std), encoder.embed_dim)
+    values = (FORMAT_VERSION, list(encoder.image_size), list(encoder.mean), list(encoder.std), encoder.embed_dim, True)
     return dict(zip(SETTINGS, (*values, encoder.tokenizer.return_attention_mask), strict=True))
 
 
@@ -185,6 +185,10 @@ def _reusable_rows(
         return {}
     if not same_weights(old.manifest["model"], model_print):
         log.info("The model's weights changed since the index was built: re-encoding every image.")
+        return {}
+    if not old.manifest.get("exif_upright"):
+        # Built when photos were encoded as stored, so phone photos with an EXIF rotation went in sideways.
+        log.info("The index predates encoding photos upright (EXIF orientation): re-encoding every image.")
         return {}
     current = set(entries)
     return {e.path: row for e, row in zip(old.entries, old.embeddings, strict=True) if e in current}

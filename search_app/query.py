@@ -35,14 +35,18 @@ def read_queries(sentences: Sequence[str], file: str | Path | None = None) -> li
     """Sentences from the command line, then one per non-blank line of `file` (UTF-8).
 
     Raises:
-        SearchIndexError: no sentence at all, or `file` missing.
+        SearchIndexError: no sentence at all, or `file` missing or not UTF-8.
     """
     queries = [s.strip() for s in sentences if s.strip()]
     if file is not None:
         try:
-            lines = Path(file).read_text(encoding="utf-8").splitlines()
+            lines = Path(file).read_text(encoding="utf-8-sig").splitlines()  # a BOM (Windows editors) is not text
         except FileNotFoundError as err:
             raise SearchIndexError(f"query file {file} does not exist.") from err
+        except UnicodeDecodeError as err:
+            raise SearchIndexError(
+                f"query file {file} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8."
+            ) from err
         queries += [line.strip() for line in lines if line.strip()]
     if not queries:
         raise SearchIndexError("no query: pass sentences as arguments or --file with one sentence per line.")

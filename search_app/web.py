@@ -15,6 +15,7 @@ import ipaddress
 import json
 import logging
 import mimetypes
+import re
 import threading
 from collections.abc import Callable
 from http import HTTPStatus
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_K = 10
 MAX_K = 100
+#: A percent-encoded slash or backslash in an image URL: a separator smuggled past the path's own.
+ENCODED_SEPARATOR = re.compile("%(2f|5c)", re.IGNORECASE)
 MAX_QUERY_CHARS = 1000  # the tokenizer truncates far earlier; this only bounds the work per request
 IMAGE_PREFIX = "/image/"
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
@@ -114,7 +117,11 @@ class SearchHandler(BaseHTTPRequestHandler):
             return
         url = urlsplit(self.path)
         if url.path.startswith(IMAGE_PREFIX):
-            self._image(unquote(url.path[len(IMAGE_PREFIX) :]))
+            raw = url.path[len(IMAGE_PREFIX) :]
+            if ENCODED_SEPARATOR.search(raw):  # the page quotes names but never their separators
+                self._send(HTTPStatus.NOT_FOUND, b"Not found", "text/plain")
+                return
+            self._image(unquote(raw))
             return
         route = ROUTES.get(url.path)
         if route is None:

@@ -7,7 +7,7 @@ One test (or one parametrised table) per case, numbered as in the issue, so the 
  3. record missing id / captions / path key, or wrong types    9. LoRA target modules that match nothing
  4. image file missing or unreadable (fail / skip policies)   10. broken checkpoint folder, tokenizer, vocabulary
  5. empty caption                                             11. ckpt_path that does not exist
- 6. query whose identity has no gallery image
+ 6. query whose identity has no gallery image              12. damaged files handed to export and search
 
 `trainer.py` turns every InputError into one logged line and exit status 2. Deeper variants of cases 1-3, 5 live in
 test_readers.py, of 8 in test_configs.py, of 9 in test_lora.py and of 10 in test_backbone.py.
@@ -393,3 +393,55 @@ def test_11_unreadable_ckpt_path_when_training_and_when_evaluating(tmp_path: Pat
     with pytest.raises(InputError) as error:
         evaluate(compose_config("demo", ["train=false", f"ckpt_path={truncated}"]), tmp_path)
     expect(error, ConfigError, "is not a readable checkpoint", "written by trainer.py")
+
+
+# ---------------------------------------------------------------- 12. damaged files handed to export and search
+@pytest.mark.parametrize("image_size", [(32, 32), (48, 16)], ids=["square", "rectangular"])
+def test_12_a_truncated_export_names_its_weights_file(tiny_checkpoint: Path, tmp_path: Path, image_size) -> None:
+    from model.backbone import CheckpointError
+    from model.export import WEIGHTS_FILE, load_exported
+    from tests.export_helpers import export, lora_model
+
+    out, _ = export(lora_model(tiny_checkpoint, image_size), tiny_checkpoint, tmp_path / "export", image_size)
+    weights = out / WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:1000])  # a copy cut short
+    with pytest.raises(InputError) as error:
+        load_exported(out)
+    expect(error, CheckpointError, f"{weights} cannot be read", "export the checkpoint again")
+
+
+def test_12_a_truncated_or_foreign_checkpoint_is_one_line_in_export_and_search(tmp_path: Path) -> None:
+    from prepare_checkpoints import export
+    from search_app.encoder import ModelSourceError, load_encoder
+
+    whole = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1000)}}, whole)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(whole.read_bytes()[:300])
+    with pytest.raises(SystemExit, match=f"--export {truncated} is not a readable checkpoint .*trainer.py"):
+        export(truncated, tmp_path / "out")
+    with pytest.raises(InputError) as error:
+        load_encoder(truncated, device=torch.device("cpu"))
+    expect(error, ModelSourceError, f"--model {truncated} is not a readable checkpoint", "exported folder")
+    with pytest.raises(SystemExit, match=f"--export {whole} is not a TBPS checkpoint .*hyper_parameters"):
+        export(whole, tmp_path / "new")
+    with pytest.raises(InputError) as error:
+        load_encoder(whole, device=torch.device("cpu"))
+    expect(error, ModelSourceError, f"--model {whole} is not a TBPS checkpoint", "written by `trainer.py`")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(SystemExit, match=f"--out {tmp_path / 'out'} already exists; choose a new folder"):
+        export(whole, tmp_path / "out")  # refused before the checkpoint is loaded
+
+
+def test_12_a_query_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    from search_app.manifest import SearchIndexError
+    from search_app.query import read_queries
+
+    latin = tmp_path / "queries.txt"
+    latin.write_bytes("chemise blanche, café\n".encode("latin-1"))  # a legacy editor's encoding
+    with pytest.raises(InputError) as error:
+        read_queries([], latin)
+    expect(error, SearchIndexError, f"query file {latin} is not UTF-8", "save it as UTF-8")
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("\ufeffáo trắng\nquần đen\n".encode())
+    assert read_queries([], bom) == ["áo trắng", "quần đen"]

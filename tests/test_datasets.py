@@ -41,6 +41,22 @@ def test_load_rgb_names_missing_and_broken_files(tmp_path: Path) -> None:
         load_rgb(broken)
 
 
+def test_load_rgb_returns_a_photo_upright_as_its_exif_orientation_says(tmp_path: Path) -> None:
+    # A portrait photo (20 wide, 40 tall, red above blue) as a phone stores it: pixels turned a quarter turn
+    # counter-clockwise, with EXIF Orientation 6 ("rotate 90 degrees clockwise to display").
+    upright = Image.new("RGB", (20, 40), (0, 0, 255))
+    upright.paste((255, 0, 0), (0, 0, 20, 20))
+    stored = upright.transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "portrait.jpg"
+    stored.save(path, exif=exif, quality=95)
+    image = load_rgb(path)
+    assert image.size == (20, 40)
+    red, _, blue = image.getpixel((10, 5))
+    assert red > 200 and blue < 60  # the top is red, as displayed
+
+
 def test_image_text_item_keys(samples: list[TrainSample]) -> None:
     dataset = ImageTextDataset(samples, build_eval_transform(SIZE, MEAN, STD))
     item = dataset[1]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -176,3 +177,47 @@ def test_ddp_trainer_completes_with_a_strategy_that_reads_no_logit_parameter(dem
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Expected to have finished reduction" not in done.stdout + done.stderr
     assert (run_dir / "results.json").exists()
+
+
+NAN_ON_ONE_RANK = """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, {root!r})
+from lightning_models import NonFiniteLossError
+from tests.conftest import compose_config, demo_overrides
+from tests.test_train_smoke import _PoisonLossAt
+from trainer import train
+
+
+class _PoisonOnRankOne(_PoisonLossAt):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == 1:
+            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+
+overrides = ("trainer=ddp_cpu", "trainer.max_epochs=1", "trainer.log_every_n_steps=1", "dataset.test_batch_size=64")
+cfg = compose_config("demo", demo_overrides(Path({demo_root!r}), *overrides))
+try:
+    train(cfg, Path({run_dir!r}), callbacks=[_PoisonOnRankOne(2)])
+except NonFiniteLossError as error:
+    print("STOPPED:", error, flush=True)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_naming_that_rank_and_step(demo_root, tmp_path):
+    """Only rank 1's loss turns NaN at global step 2 (rank 0's follows through the averaged gradients a step later):
+    both processes stop, without hanging, and both name step 2 on rank 1 with rank 1's loss terms then.
+    """
+    driver = tmp_path / "driver.py"
+    run_dir = tmp_path / "run"
+    driver.write_text(NAN_ON_ONE_RANK.format(root=str(ROOT), demo_root=str(demo_root), run_dir=str(run_dir)))
+    done = subprocess.run([sys.executable, str(driver)], cwd=ROOT, capture_output=True, text=True, timeout=480)
+    output = done.stdout + done.stderr
+    stopped = re.findall(r"STOPPED: [^\n]*", output)  # a progress bar may precede it on its line
+    assert done.returncode == 3 and len(stopped) == 2, output[-3000:]  # Lightning's launcher reruns the driver
+    for line in stopped:
+        assert "at global step 2 on rank 1 (detected at step" in line and "nitc_loss=nan" in line, line
+    assert not list(run_dir.rglob("*.ckpt"))

@@ -276,7 +276,7 @@ def test_random_states_are_saved_per_rank_and_old_checkpoints_still_restore():
     from utils.rng import rng_states
 
     module = TBPSLitModule.__new__(TBPSLitModule)  # the hooks read no weights: a bare module with no logs held back
-    module._pending_logs = DeferredScalars()
+    module._pending_logs, module._unqueued_batch, module.val_history = DeferredScalars(), None, {}
     checkpoint = {}
     torch.manual_seed(3)
     module.on_save_checkpoint(checkpoint)

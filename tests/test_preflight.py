@@ -9,6 +9,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
+
 from preflight import run_preflight
 from tests.conftest import compose_config, demo_overrides
 
@@ -52,6 +54,7 @@ def test_a_missing_image_fails_the_preflight_and_names_it(demo_root, tmp_path, c
     assert status == 2 and "FAILED" in report and str(victim) in report
 
 
+@pytest.mark.slow  # a subprocess; the report itself is tested in-process above
 def test_the_command_line_trains_nothing(demo_root, tmp_path):
     command = [
         sys.executable,

@@ -25,7 +25,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
 
 from data.samplers import IdentitySampler, ResumableSampler
-from lightning_callbacks import resume_checkpoint
+from lightning_callbacks import WritePendingLogs, resume_checkpoint
 from tests.conftest import CONFIG_DIR, compose_config, demo_overrides
 from trainer import train
 from utils.config import ConfigError
@@ -103,11 +103,16 @@ class _CrashAt(Callback):
 
 
 @pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
-def test_a_crashed_run_resumes_mid_epoch_in_its_folder_to_the_same_weights(demo_root, tmp_path, uninterrupted, workers):
+def test_a_crashed_run_resumes_mid_epoch_in_its_folder_to_the_same_weights(
+    demo_root, tmp_path, uninterrupted, workers, monkeypatch
+):
     reference_dir, reference = uninterrupted(workers)
     run_dir = tmp_path / "run"
+    # A killed process writes nothing more: only what was logged before the checkpoint survives with it.
+    monkeypatch.setattr(WritePendingLogs, "on_exception", lambda *args: None)
     with pytest.raises(_Crash):
         train(_config(demo_root, workers), run_dir, callbacks=[_CrashAt(STOP_AT)])
+    monkeypatch.undo()
     saved = _state(run_dir / "checkpoints" / "last.ckpt")
     assert saved["global_step"] == 12 and saved["epoch"] == 1  # mid-epoch
 
@@ -116,6 +121,8 @@ def test_a_crashed_run_resumes_mid_epoch_in_its_folder_to_the_same_weights(demo_
     _assert_same_weights(run_dir / "checkpoints" / "last.ckpt", reference_dir / "checkpoints" / "last.ckpt")
     uninterrupted_losses, losses = _losses(reference_dir), _losses(run_dir)
     assert all(losses[step] == uninterrupted_losses[step] for step in range(12, 2 * STEPS_PER_EPOCH))
+    # Every step is logged once over the two runs: the step-12 checkpoint was written after the logs of its steps.
+    assert sorted(losses) == list(range(2 * STEPS_PER_EPOCH))
     assert resumed["val"] == reference["val"] and resumed["test_last"] == reference["test_last"]
     # Best-checkpoint selection went on in the same folder: the same epoch, the same file name, the same test.
     assert Path(resumed["best_checkpoint"]).name == Path(reference["best_checkpoint"]).name
@@ -185,7 +192,12 @@ def test_requeue_signal_saves_at_the_next_step_requeues_and_stops(
     env, record = _slurm_env(tmp_path)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    overrides = ("trainer.max_epochs=2", "+trainer.limit_train_batches=8", "dataset.test_batch_size=512")
+    overrides = (
+        "trainer.max_epochs=2",
+        "+trainer.limit_train_batches=8",
+        "dataset.test_batch_size=512",
+        "trainer.log_every_n_steps=1",
+    )
     cfg = compose_config("demo", demo_overrides(demo_root, *overrides))
     with pytest.raises(SIGTERMException):  # trainer.py exits 143, as on SIGTERM
         train(cfg, tmp_path / "run", callbacks=[_SignalAt(signal_after)])
@@ -195,6 +207,8 @@ def test_requeue_signal_saves_at_the_next_step_requeues_and_stops(
     assert bool(list(checkpoints.glob("epoch00-*.ckpt"))) == validated
     assert not list(tmp_path.rglob("hpc_ckpt_*.ckpt"))  # Lightning's own requeue is off
     assert not (tmp_path / "run" / "results.json").exists()
+    # Lightning labels the logs after optimizer step n as step n - 1: every step the checkpoint holds is logged.
+    assert sorted(_losses(tmp_path / "run")) == list(range(saved_at))
 
 
 def _trainer_command(demo_root: Path) -> list[str]:

@@ -72,6 +72,7 @@ def _script(name: str, strategy: str, demo_root: Path, tmp_path: Path) -> subpro
     )
 
 
+@pytest.mark.slow  # the slow run trains all five strategies through both scripts
 def test_run_cir_loss_trains_one_strategy_with_lora_on_the_demo(demo_root, tmp_path):
     done = _script("run_cir_loss.sh", "auxiliary_cross", demo_root, tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]

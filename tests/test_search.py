@@ -106,6 +106,15 @@ def test_reindex_encodes_only_new_or_changed_files(trained_checkpoint, gallery, 
     new = after.embeddings[after.paths.index("new.webp")]
     torch.testing.assert_close(new, old_rows[names[3].relative_to(photos).as_posix()], atol=1e-5, rtol=0)
 
+    # An index built before photos were turned upright by their EXIF orientation holds sideways phone photos: all of
+    # it is encoded again.
+    manifest = json.loads((index_dir / "manifest.json").read_text())
+    del manifest["exif_upright"]
+    (index_dir / "manifest.json").write_text(json.dumps(manifest))
+    report = build_index(photos, trained_checkpoint, index_dir, progress=False)
+    assert (report.encoded, report.reused) == (report.total, 0)
+    assert json.loads((index_dir / "manifest.json").read_text())["exif_upright"] is True
+
 
 def test_exported_folder_gives_the_checkpoint_embeddings(trained_checkpoint, built_index, gallery, tmp_path):
     from prepare_checkpoints import export
@@ -170,3 +179,28 @@ def test_bad_inputs_give_clear_errors(demo_root, tmp_path):
         build_index(tmp_path / "empty" / "..", model, tmp_path / "index", progress=False)
     with pytest.raises(SearchIndexError, match="no query"):
         read_queries(["  "], None)
+
+
+def test_a_checkpoint_naming_its_model_relative_to_the_repository_loads_from_any_folder(
+    trained_checkpoint, tmp_path, monkeypatch
+):
+    """Runs start in the repository, so a checkpoint's config may name its model folder relative to it (the demo's
+    `demo_assets/tiny_siglip`); search and export load it from another working directory too.
+    """
+    import lightning_models
+
+    saved = torch.load(trained_checkpoint, map_location="cpu", weights_only=True)
+    cfg = saved["hyper_parameters"]["cfg"]
+    model_folder = Path(cfg["backbone"]["path"])
+    repository = model_folder.parent.parent  # stands in for the repository: the model folder is two levels below it
+    for group, key in lightning_models.MODEL_FOLDER_KEYS:
+        cfg[group][key] = str(Path(cfg[group][key]).relative_to(repository))
+    relative = tmp_path / "relative.ckpt"
+    torch.save(saved, relative)
+    monkeypatch.setattr(lightning_models, "PROJECT_ROOT", repository)
+    monkeypatch.chdir(tmp_path)  # where the relative folder does not exist
+    assert not Path(cfg["backbone"]["path"]).exists()
+    encoder = load_encoder(relative, device=torch.device("cpu"))
+    reference = load_encoder(trained_checkpoint, device=torch.device("cpu"))
+    texts = ["một người phụ nữ mặc áo trắng"]
+    torch.testing.assert_close(encoder.encode_texts(texts), reference.encode_texts(texts))

@@ -1,6 +1,8 @@
 """End to end: the demo config trains, selects on validation, tests, and beats chance."""
 
+import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -70,6 +72,13 @@ def test_short_demo_run_beats_chance_and_keeps_best_and_last_checkpoints(demo_ro
     assert (tmp_path / "csv").is_dir()
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["test"]["t2i"]["R1"] == results["test"]["t2i"]["R1"]
+    # The validation table beside the selected checkpoint's test table is that checkpoint's: its epoch and t2i R1 are
+    # in the file name Lightning gave it (epochNN-val_scoreS.ckpt); val_last is the last epoch's.
+    best = re.fullmatch(r"epoch(\d+)-val_score([\d.]+)\.ckpt", Path(results["best_checkpoint"]).name)
+    assert saved["selected_epoch"] == int(best[1])
+    assert saved["val"]["t2i"]["R1"] == pytest.approx(float(best[2]), abs=0.006)
+    csv_rows = _csv_rows(tmp_path, "val/t2i_R1")
+    assert saved["val_last"]["t2i"]["R1"] == pytest.approx(float(csv_rows[-1]["val/t2i_R1"]), rel=1e-6)
 
 
 def test_hydra_entry_point_with_offline_wandb(demo_root, tmp_path):
@@ -149,3 +158,9 @@ def test_non_finite_loss_stops_the_run_naming_the_first_step_and_terms_and_write
     assert not (tmp_path / "results.json").exists()
     # The poisoned step comes before the first epoch ends, so no checkpoint may exist (none with NaN weights).
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def _csv_rows(run_dir: Path, column: str) -> list[dict[str, str]]:
+    """The CSV logger's rows that hold `column`, in the order written."""
+    with next(run_dir.glob("csv/version_*/metrics.csv")).open(newline="") as file:
+        return [row for row in csv.DictReader(file) if row.get(column)]

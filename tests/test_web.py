@@ -105,6 +105,8 @@ def test_images_are_served_and_the_api_answers(server):
         "/image/gate/../../secret.txt",
         "/image//etc/passwd",
         "/image/%2Fetc%2Fpasswd",
+        "/image/gate%2Fperson%200.png",  # an indexed image, its separator encoded (the page never encodes it)
+        "/image/gate%5Cperson%200.png",
         "/image/notes.txt",  # inside the folder, but not an indexed image
         "/image/",
         "/../secret.txt",
