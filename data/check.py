@@ -1,7 +1,8 @@
 """Report which datasets under a data root are present, missing or malformed (used by setup.sh).
 
 A dataset whose folder is absent is `missing` (each dataset is optional); a folder that exists but whose layout,
-annotation or image files are wrong is `malformed`, and any malformed dataset makes the exit status 1. Every reader
+annotation or image files are wrong is `malformed`, and any malformed dataset makes the exit status 1. An annotation
+with test records only is `test-only`: it serves evaluation (`train=false`), not training. Every reader
 is checked, so the variants that share a folder (VN3K_VI, VN3K_EN, VN3K_MIXED) are reported one by one.
 
 uv run python -m data.check --root /data/tbps
@@ -22,11 +23,11 @@ CHECKED = tuple(READERS)
 
 
 def check_dataset(name: str, root: Path) -> tuple[str, str]:
-    """Return (status, detail): status is `ok`, `missing` (no dataset folder) or `malformed` (a misnamed part of the
-    folder, a bad annotation or missing image files).
+    """Return (status, detail): status is `ok`, `test-only` (no training records), `missing` (no dataset folder) or
+    `malformed` (a misnamed part of the folder, a bad annotation or missing image files).
     """
     try:
-        splits = read_dataset(name, root)
+        splits = read_dataset(name, root, require_train=False)
     except DatasetLayoutError as error:  # the folder is there, so the dataset is meant to be: its layout is wrong
         return "malformed", str(error)
     except DatasetNotFoundError as error:
@@ -41,6 +42,8 @@ def check_dataset(name: str, root: Path) -> tuple[str, str]:
         f"{subset} {ids} ids / {images} images / {captions} captions"
         for subset, ids, images, captions in splits.summary_rows()
     )
+    if not splits.train:
+        return "test-only", f"{rows}; no training records: evaluation only (train=false ckpt_path=...)"
     return "ok", rows
 
 

@@ -67,3 +67,12 @@ def test_a_complete_vn3k_is_ok_for_every_variant(tmp_path: Path, capsys) -> None
     assert [rows[variant][0] for variant in ("VN3K_VI", "VN3K_EN", "VN3K_MIXED")] == ["ok", "ok", "ok"]
     shutil.rmtree(tmp_path / "VN3K" / "imgs")  # the folder is there, its images are not: malformed, not missing
     assert check_dataset("VN3K_EN", tmp_path)[0] == "malformed"
+
+
+def test_a_test_only_annotation_serves_evaluation_and_is_not_malformed(tmp_path: Path, capsys) -> None:
+    # Evaluating a checkpoint (train=false) reads only test records: such a folder is usable, for that only.
+    write_dataset(tmp_path, "RSTPReid", [r for r in standard_records("RSTPReid") if r["split"] == "test"])
+    status, rows = report(tmp_path, capsys)
+    state, detail = rows["RSTPReid"]
+    assert status == 0 and state == "test-only"
+    assert "no training records" in detail and "train=false" in detail
