@@ -359,6 +359,7 @@ class TBPSLitModule(L.LightningModule):
             non_finite = values.pop(_NON_FINITE)
             for logger in self.loggers:
                 logger.log_metrics({**values, "epoch": epoch}, step=step)
+                logger.save()  # as Lightning does after each logged step: the CSV file grows as training goes
             self.logged_training_metrics = values
             if non_finite:
                 self._pending_logs.clear()

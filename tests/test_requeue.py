@@ -364,14 +364,20 @@ def test_training_loader_is_resumable_the_way_lightning_restores_loaders(demo_ro
 def _vote_worker(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from lightning_slurm import _vote
+    from lightning_slurm import SlurmRequeue
+    from utils.deferred import DeferredScalars
+    from utils.distributed import any_rank_flag
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
+        # SlurmRequeue's vote: each step all-reduces whether this process was signalled, read VOTE_LAG steps later.
+        votes = DeferredScalars(SlurmRequeue.VOTE_LAG)
         signalled = [False, rank == 1, False, True]  # only rank 1 gets the signal in step 2; both in step 4
-        reads = [_vote(torch.device("cpu"), flag) for flag in signalled]
-        Path(out, f"rank{rank}.json").write_text(json.dumps([read() for read in reads]))
+        for step, flag in enumerate(signalled):
+            votes.put(step, {"signalled": any_rank_flag(torch.tensor(flag))})
+        reads = [bool(vote["signalled"]) for _, vote in votes.take(everything=True)]
+        Path(out, f"rank{rank}.json").write_text(json.dumps(reads))
     finally:
         dist.destroy_process_group()
 
