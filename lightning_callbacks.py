@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from config_schema import checkpoint_problems
-from lightning_slurm import SlurmRequeue, ends_epoch, ends_optimizer_step
+from lightning_slurm import SlurmRequeue, ends_epoch
 from utils.config import ConfigError
 from utils.io import atomic_write
 
@@ -72,30 +72,13 @@ class StepCheckpoint(ModelCheckpoint):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 
-def logs_after_batch(trainer: L.Trainer, batch_idx: int) -> bool:
-    """Whether Lightning writes the logs after this training batch: the batch ended an optimizer step, and the step
-    count is a multiple of `trainer.log_every_n_steps`, or training is stopping (`trainer.should_stop`, e.g. early
-    stopping held back by `min_epochs`), or under `fast_dev_run` (Lightning's own rule).
-
-    Writing the logs reads every logged value from the GPU, which waits for the queued kernels (a host
-    synchronisation); anything else that must read the device (a non-finite check, the progress bar's losses) is
-    cheapest there. Under gradient accumulation the batches that only accumulate never log.
-    """
-    if not ends_optimizer_step(trainer, batch_idx):  # gradients still accumulating
-        return False
-    if trainer.fast_dev_run:
-        return True
-    every = trainer.log_every_n_steps
-    return every > 0 and (trainer.global_step % every == 0 or trainer.should_stop)
-
-
 class LoggedStepProgressBar(TQDMProgressBar):
     """Lightning's progress bar, showing the training losses the module has written to its loggers.
 
     Lightning's own bar reads progress-bar metrics from the GPU after every batch: each read waits for the GPU to
     finish the batch, so the host could never queue the next batch meanwhile. This bar shows the floats of the last
     logged step the module has read (`logged_training_metrics`, a few logged steps behind the batch count; see
-    `lightning_models.LOG_LAG`), which cost no read.
+    `lightning_training_logs.LOG_LAG`), which cost no read.
     """
 
     def __init__(self, refresh_rate: int = 1, shown: dict[str, str] | None = None) -> None:

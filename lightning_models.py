@@ -15,7 +15,7 @@ from torch import Tensor
 
 from config_schema import typed
 from data.datasets import load_rgb
-from lightning_callbacks import logs_after_batch
+from lightning_training_logs import TrainingLogs
 from model.backbone import enable_gradient_checkpointing, patch_size_of
 from model.build import autocast_dtype, build_model, compile_towers, compiles, store_frozen_linears
 from model.features import TrainFeatures, gathered
@@ -26,11 +26,9 @@ from model.strategies import LossSettings, StepContext
 from solver.build import build_optimizer
 from solver.lr_scheduler import build_scheduler
 from utils.analysis import save_failure_gallery, save_similarity_histogram
-from utils.deferred import DeferredScalars
 from utils.distributed import (
     all_gather_objects,
     all_gather_with_grad,
-    any_rank_flag,
     gather_strided_shards,
     rank,
     world_size,
@@ -46,11 +44,6 @@ GALLERY, QUERIES = 0, 1  # dataloader indices of an evaluation split
 PROJECT_ROOT = Path(__file__).resolve().parent
 #: The config keys that name a local folder a trained module is rebuilt from.
 MODEL_FOLDER_KEYS = (("backbone", "path"), ("tokenizer", "pretrained_model_name_or_path"))
-#: Logged training steps whose values are still on their way from the GPU when a step is logged (`DeferredScalars`):
-#: the host may queue this many steps ahead of the last values it has read.
-LOG_LAG = 2
-#: The entry of a logged step's values that says whether any rank's loss was non-finite up to that step.
-_NON_FINITE = "non_finite"
 
 
 def pair_statistics(feats: TrainFeatures) -> dict[str, Tensor]:
@@ -67,11 +60,7 @@ def pair_statistics(feats: TrainFeatures) -> dict[str, Tensor]:
     return {"s_p": s_p, "s_n": s_n, "s_gap": s_p - s_n}
 
 
-class NonFiniteLossError(RuntimeError):
-    """A training loss became NaN or infinite; raised at the next check, always before a checkpoint is written."""
-
-
-class TBPSLitModule(L.LightningModule):
+class TBPSLitModule(TrainingLogs, L.LightningModule):
     """Trains a TBPS model with the objective of `cfg.loss` and evaluates t2i / i2t retrieval."""
 
     def __init__(
@@ -103,17 +92,7 @@ class TBPSLitModule(L.LightningModule):
             text_vocab_size=text_vocab_size,
         )
         self._eval_feats: dict[int, list[tuple[Tensor, Tensor]]] = {GALLERY: [], QUERIES: []}
-        # Device-side record of a non-finite training loss (see _flag_if_not_finite).
-        self._non_finite: Tensor | None = None
-        self._non_finite_step = self._non_finite_terms = None
-        self._term_names: list[str] = []
-        #: This step's training metrics on the device (training_step), queued for the loggers when the batch logs,
-        #: and the batch they come from while they are not queued yet.
-        self._step_logs: dict[str, Tensor] = {}
-        self._unqueued_batch: int | None = None
-        self._pending_logs = DeferredScalars(LOG_LAG)
-        #: The training metrics of the last logged step written to the loggers (what the progress bar shows).
-        self.logged_training_metrics: dict[str, float] = {}
+        self._init_training_logs()
         self._compiled = False  # setup() runs for fit and again for test: compile once
         self.eval_results: dict[str, dict[str, dict[str, float]]] = {}
         #: Every validation's tables by global step (kept in checkpoints), so results.json gives the selected one's.
@@ -215,12 +194,9 @@ class TBPSLitModule(L.LightningModule):
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # The logs of every step the checkpoint holds are written before it: a run resumed from it logs the rest. A
-        # checkpoint written in this batch's callbacks (a step checkpoint, the SLURM requeue) holds this batch's step,
-        # whose values on_train_batch_end has not queued yet.
-        self._queue_step_logs()
-        self.write_training_logs(everything=True)
-        self.check_finite()  # never write weights a non-finite step may have reached
+        # The logs of every step the checkpoint holds are written before it (a run resumed from it logs the rest), and
+        # never weights a non-finite step may have reached.
+        self.settle_training_logs()
         # Lightning restores weights, optimizer, scheduler and loop counters but not the random generators, which
         # drive shuffling and augmentation: without them a resumed run would diverge from an uninterrupted one.
         # One entry per rank (every rank runs this hook before rank 0 writes): each rank augments with its own.
@@ -256,21 +232,13 @@ class TBPSLitModule(L.LightningModule):
         context = StepContext(epoch=self.fractional_epoch(batch_idx))
         terms = objective(feats, context)
         total = torch.stack(list(terms.values())).sum()
-        self._flag_if_not_finite(total, terms)
         stats = {"logit_scale": feats.logit_scale, "logit_bias": feats.logit_bias, **pair_statistics(feats)}
         if objective.settings.circle_term:
             # Filled on the device: a CPU tensor (or a float) would be copied from pageable memory, which waits for
             # the GPU to finish the step (a host synchronisation per step).
             weight = self.objective.settings.circle_weight(context.epoch)
             stats["circle_weight"] = torch.full((), weight, device=total.device)
-        # Not self.log: Lightning converts logged values to floats when it writes them, a host synchronisation at
-        # every logged step (every step in the recipes); on_train_batch_end queues them for a later, free read.
-        self._step_logs = {
-            "train/total_loss": total.detach(),
-            **{f"train/{name}": value.detach() for name, value in terms.items()},
-            **{f"train/{name}": value.detach() for name, value in stats.items()},
-        }
-        self._unqueued_batch = batch_idx
+        self.record_step(batch_idx, total, terms, stats)
         return total
 
     def fractional_epoch(self, batch_idx: int) -> float:
@@ -283,87 +251,16 @@ class TBPSLitModule(L.LightningModule):
         fraction = batch_idx / batches if 0 < batches < float("inf") else 0.0
         return self.current_epoch + fraction
 
-    def _flag_if_not_finite(self, total: Tensor, terms: dict[str, Tensor]) -> None:
-        """Record on the device whether this step's loss is NaN/inf, and the first such step's losses.
-
-        No host synchronisation here (it would stall the GPU on every step): the flag travels with the logged values
-        (`write_training_logs` reads it `LOG_LAG` logged steps later), and `check_finite` reads it before a checkpoint
-        is written and at an epoch end.
-        """
-        bad = ~torch.isfinite(total.detach())
-        if self._non_finite is None:
-            self._non_finite = torch.zeros((), dtype=torch.bool, device=total.device)
-            self._non_finite_step = torch.zeros((), dtype=torch.long, device=total.device)
-            self._non_finite_terms = torch.zeros(len(terms), device=total.device)
-        first = bad & ~self._non_finite
-        values = torch.stack([value.detach().float() for value in terms.values()])
-        self._non_finite_step = torch.where(first, self.global_step, self._non_finite_step)
-        self._non_finite_terms = torch.where(first, values, self._non_finite_terms)
-        self._non_finite |= bad
-        self._term_names = list(terms)
-
-    def check_finite(self) -> None:
-        """Stop if a training loss became NaN/inf since the last check; every rank takes the same decision and names
-        the same step: the earliest any rank saw, with that rank's loss terms then.
-
-        One host synchronisation (plus one all-gather of each rank's first bad step under DDP).
-        """
-        flag = getattr(self, "_non_finite", None)  # None until a training step ran (or for a bare hook call)
-        mine = None
-        if flag is not None and bool(flag):
-            mine = (int(self._non_finite_step), rank(), dict(zip(self._term_names, self._non_finite_terms.tolist())))
-        reports = [report for report in all_gather_objects(mine) if report is not None]
-        if not reports:
-            return
-        step, bad_rank, terms = min(reports, key=lambda report: report[:2])
-        on_rank = f" on rank {bad_rank}" if world_size() > 1 else ""
-        values = ", ".join(f"{name}={value:.4g}" for name, value in terms.items())
-        raise NonFiniteLossError(
-            f"non-finite training loss at global step {step}{on_rank} (detected at step {self.global_step}, epoch "
-            f"{self.current_epoch}): {values}. Lower optimizer.lr or loss.circle_gamma, raise loss.circle_margin, or "
-            "train in bf16-mixed/32-true instead of 16-mixed. Checkpoints are checked before they are written: the "
-            "last one holds finite weights."
-        )
-
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._queue_step_logs()
         self.write_training_logs()
 
-    def _queue_step_logs(self) -> None:
-        """Queue the current batch's training metrics for the loggers, once, if Lightning logs after this batch."""
-        batch_idx, self._unqueued_batch = self._unqueued_batch, None
-        if batch_idx is None or not logs_after_batch(self.trainer, batch_idx):
-            return
-        # Lightning's label for the logs written after this batch: optimizer steps before this one.
-        key = (self.global_step - 1, self.current_epoch)
-        flag = self._non_finite if self._non_finite is not None else torch.zeros((), device=self.device)
-        self._pending_logs.put(key, {**self._step_logs, _NON_FINITE: any_rank_flag(flag)})
-
     def on_train_epoch_end(self) -> None:
-        self.write_training_logs(everything=True)
-        self.check_finite()
+        self.settle_training_logs()
 
     def on_validation_start(self) -> None:
         # Validation inside training comes before the epoch's end: it would rank the features of non-finite weights.
-        self.write_training_logs(everything=True)
-        self.check_finite()
-
-    def write_training_logs(self, *, everything: bool = False) -> None:
-        """Write the queued training metrics that are `LOG_LAG` logged steps old (all of them with `everything`)
-        to the loggers, under the step they were computed at; stop there if a loss up to that step was non-finite.
-
-        Every rank releases the same entries at the same batch (`DeferredScalars`) with the same all-reduced flag, so
-        all of them stop together.
-        """
-        for (step, epoch), values in self._pending_logs.take(everything=everything):
-            non_finite = values.pop(_NON_FINITE)
-            for logger in self.loggers:
-                logger.log_metrics({**values, "epoch": epoch}, step=step)
-                logger.save()  # as Lightning does after each logged step: the CSV file grows as training goes
-            self.logged_training_metrics = values
-            if non_finite:
-                self._pending_logs.clear()
-                self.check_finite()
+        self.settle_training_logs()
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = build_optimizer(self.cfg.optimizer, self.model)

@@ -63,7 +63,8 @@ from bench.train_setup import (
 from bench.train_throughput_report import Report, compare_with_eager_twin, fmt, peak_tflops
 from config_schema import register_schema
 from lightning_callbacks import LoggedStepProgressBar
-from lightning_models import LOG_LAG, TBPSLitModule
+from lightning_models import TBPSLitModule
+from lightning_training_logs import LOG_LAG
 from utils.deferred import DeferredScalars
 
 GIB = 2**30

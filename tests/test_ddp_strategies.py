@@ -184,7 +184,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, {root!r})
-from lightning_models import NonFiniteLossError
+from lightning_training_logs import NonFiniteLossError
 from tests.conftest import compose_config, demo_overrides
 from tests.test_train_smoke import _PoisonLossAt
 from trainer import train

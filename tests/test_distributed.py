@@ -272,11 +272,11 @@ def test_evaluation_split_smaller_than_the_world_is_refused(demo_root):
 
 def test_random_states_are_saved_per_rank_and_old_checkpoints_still_restore():
     from lightning_models import TBPSLitModule
-    from utils.deferred import DeferredScalars
     from utils.rng import rng_states
 
     module = TBPSLitModule.__new__(TBPSLitModule)  # the hooks read no weights: a bare module with no logs held back
-    module._pending_logs, module._unqueued_batch, module.val_history = DeferredScalars(), None, {}
+    module._init_training_logs()
+    module.val_history = {}
     checkpoint = {}
     torch.manual_seed(3)
     module.on_save_checkpoint(checkpoint)

@@ -216,7 +216,7 @@ def test_fast_dev_run_shows_the_loss_of_every_step(demo_root, tmp_path):
 def test_logs_after_batch_follows_lightnings_rule(batch_and_step, log_every, should_stop, fast_dev_run, expected):
     from types import SimpleNamespace
 
-    from lightning_callbacks import logs_after_batch
+    from lightning_training_logs import logs_after_batch
 
     batch_idx, step = batch_and_step  # two batches per optimizer step, ten per epoch
     trainer = SimpleNamespace(

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from data.readers import read_dataset
-from lightning_models import NonFiniteLossError
+from lightning_training_logs import NonFiniteLossError
 from tests.conftest import compose_config, demo_overrides
 from trainer import train
 from utils.metrics import chance_rank1
